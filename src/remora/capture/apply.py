@@ -125,34 +125,38 @@ def plain_xtables(family: Family) -> Xtables:
 def detect_xtables(ex: Executor, family: Family, force: str = "") -> Xtables:
     """Choose legacy or nft binaries as Istio does (spec §10.1).
 
-    One deliberate difference: "existing rules" means the save output holds a rule
-    (``-A``), not merely three lines, so the empty legacy nat table that the usability probe
-    itself leaves behind does not flip the choice to legacy on the next run.
+    Two deliberate differences: "existing rules" means the save output holds a rule (``-A``),
+    not merely three lines; and legacy is only probed when it holds rules or nft is unusable,
+    so the empty legacy nat table a probe leaves behind never flips the choice to legacy.
     """
     base = "iptables" if family == 4 else "ip6tables"
-    variants: tuple[str, ...] = (force,) if force else ("legacy", "nft")
-    usable: dict[str, tuple[Xtables, bool]] = {}
-    for variant in variants:
-        binary = f"{base}-{variant}"
-        if shutil.which(binary) is None:
-            continue
-        candidate = _probe_xtables(ex, family, binary)
-        if candidate is not None:
-            usable[variant] = candidate
     if force:
-        if force not in usable:
+        found = _probe_xtables(ex, family, f"{base}-{force}") \
+            if shutil.which(f"{base}-{force}") else None
+        if found is None:
             raise EnvironmentFault(f"{base}-{force} is not usable here (forced by "
                                    "--force-iptables-binary)")
-        return usable[force][0]
-    if "legacy" in usable and usable["legacy"][1]:
-        return usable["legacy"][0]
-    if "nft" in usable:
-        return usable["nft"][0]
-    if "legacy" in usable:
-        return usable["legacy"][0]
+        return found[0]
+    legacy, nft = f"{base}-legacy", f"{base}-nft"
+    # Legacy wins only when it already holds rules; look before probing, because the probe
+    # itself would create legacy tables (and iptables-nft then warns about them forever).
+    if shutil.which(legacy) and _has_rules(ex, legacy):
+        found = _probe_xtables(ex, family, legacy)
+        if found is not None:
+            return found[0]
+    for binary in (nft, legacy):
+        if shutil.which(binary):
+            found = _probe_xtables(ex, family, binary)
+            if found is not None:
+                return found[0]
     if shutil.which(base) is None:
         raise EnvironmentFault(f"{base}: command not found (install the iptables package)")
     return Xtables(family=family, binary=base)
+
+
+def _has_rules(ex: Executor, binary: str) -> bool:
+    saved = ex.run([f"{binary}-save"])
+    return saved.rc == 0 and any(line.startswith("-A ") for line in saved.stdout.splitlines())
 
 
 def _probe_xtables(ex: Executor, family: Family, binary: str) -> tuple[Xtables, bool] | None:
@@ -324,7 +328,7 @@ def run_iptables(cfg: CaptureConfig, ex: Executor, *,
     xt: dict[int, Xtables] = xtables or {4: plain_xtables(4), 6: plain_xtables(6)}
     outcome = Outcome()
     # The state check reads both families, always (Istio's transcript starts with both).
-    states = {fam: read_state(ex, xt[fam]) for fam in (4, 6)}
+    states: dict[int, FamilyState] = {fam: read_state(ex, xt[fam]) for fam in (4, 6)}
     if cfg.cleanup_only:
         for fam in families:
             for args in cleanup_commands(rules.family(fam)):
@@ -358,11 +362,11 @@ def _apply(cfg: CaptureConfig, ex: Executor, xt: dict[int, Xtables], rules: Rule
         return outcome
     # Legacy iptables commits table by table; test the whole input first so a refusal in a
     # later table cannot leave an earlier one applied. (nft commits one transaction.)
-    for fam, text in texts.items():
-        if xt[fam].variant == "legacy" and not cfg.dry_run:
-            test = ex.run([xt[fam].restore, "--noflush", "--test", *xt[fam].wait], stdin=text)
+    for key, text in texts.items():
+        if xt[key].variant == "legacy" and not cfg.dry_run:
+            test = ex.run([xt[key].restore, "--noflush", "--test", *xt[key].wait], stdin=text)
             if test.rc != 0:
-                _restore(ex, xt[fam], text)  # reports the refused line
+                _restore(ex, xt[key], text)  # reports the refused line
     for fam in families:
         if fam in texts:
             _restore(ex, xt[fam], texts[fam])

@@ -198,9 +198,10 @@ def parse_flags(argv: Sequence[str], env: Mapping[str, str]) -> dict[str, str]:
             break  # the rest is positional, and positionals are ignored
         if arg.startswith("--") and len(arg) > 2:
             name, eq, inline = arg[2:].partition("=")
-            flag = _BY_LONG.get(name)
-            if flag is None:
+            found = _BY_LONG.get(name)
+            if found is None:
                 raise BadInput(f"unknown flag: --{name}")
+            flag = found
             if flag.kind == "bool":
                 value = inline if eq else "true"
             elif eq:
@@ -214,9 +215,10 @@ def parse_flags(argv: Sequence[str], env: Mapping[str, str]) -> dict[str, str]:
             letter, rest = arg[1], arg[2:]
             if letter == "h":
                 raise HelpRequested()
-            flag = _BY_SHORT.get(letter)
-            if flag is None:
+            found = _BY_SHORT.get(letter)
+            if found is None:
                 raise BadInput(f"unknown shorthand flag: '{letter}' in {arg}")
+            flag = found
             if flag.kind == "bool":
                 if rest.startswith("="):
                     value = rest[1:]
@@ -241,7 +243,7 @@ def parse_flags(argv: Sequence[str], env: Mapping[str, str]) -> dict[str, str]:
     return values
 
 
-class HelpRequested(Exception):  # noqa: N818 - a signal, not an error
+class HelpRequested(Exception):
     """``-h``/``--help`` was given."""
 
 
@@ -282,7 +284,8 @@ class CidrList:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OwnerGroups:
-    """ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]: capture all groups but ``exclude``, or only ``only``."""
+    """ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]: capture all groups but ``exclude``, or only
+    ``only``."""
 
     only: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
