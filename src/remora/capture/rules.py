@@ -193,7 +193,7 @@ def build_rules(cfg: CaptureConfig) -> RuleSet:
     if dns:
         _dns_rules(b, cfg)
     # 15. Explicit localhost is never captured.
-    b.versioned("nat", OUTPUT, f"-d {{LO}} -j RETURN")
+    b.versioned("nat", OUTPUT, "-d {LO} -j RETURN")
     # 16. Excluded CIDRs.
     for fam, nets in ((4, cfg.outbound_exclude.v4), (6, cfg.outbound_exclude.v6)):
         for net in nets:
