@@ -188,3 +188,12 @@ def test_missing_iptables_is_one_clear_line(ns: str, tmp_path: Path) -> None:
     out = remora(ns, *INJECTOR, prefix=("env", f"PATH={tmp_path}"))
     assert out.returncode == 1
     assert out.stderr.strip() == "Error: iptables: command not found (install the iptables package)"
+
+
+def test_cleanup_of_a_partly_removed_rule_set(ns: str) -> None:
+    pristine = save(ns)
+    assert remora(ns, *INJECTOR).returncode == 0
+    sh("ip", "netns", "exec", ns, "iptables", "-t", "nat", "-D", "OUTPUT", "-j", "ISTIO_OUTPUT")
+    out = remora(ns, *INJECTOR, "--cleanup-only")
+    assert out.returncode == 0, out.stderr
+    assert save(ns) == pristine

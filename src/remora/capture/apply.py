@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from remora.capture.config import CaptureConfig
-from remora.capture.render import cleanup_commands, parse_save, restore_text
+from remora.capture.render import (
+    cleanup_commands,
+    cleanup_restore_text,
+    parse_save,
+    restore_text,
+)
 from remora.capture.rules import OUTBOUND_MARK, Rule, RuleSet, build_rules
 from remora.errors import ApplyFailed, EnvironmentFault
 
@@ -331,8 +336,7 @@ def run_iptables(cfg: CaptureConfig, ex: Executor, *,
     states: dict[int, FamilyState] = {fam: read_state(ex, xt[fam]) for fam in (4, 6)}
     if cfg.cleanup_only:
         for fam in families:
-            for args in cleanup_commands(rules.family(fam)):
-                ex.run([xt[fam].binary, *xt[fam].wait, *args])
+            _cleanup(cfg, ex, xt[fam], rules.family(fam), states[fam])
         outcome.cleaned = True
     else:
         outcome = _apply(cfg, ex, xt, rules, families, states)
@@ -341,6 +345,25 @@ def run_iptables(cfg: CaptureConfig, ex: Executor, *,
     if netlink is not None and not cfg.dry_run:
         netlink(cfg, cfg.cleanup_only)
     return outcome
+
+
+def _cleanup(cfg: CaptureConfig, ex: Executor, x: Xtables, rules: Sequence[Rule],
+             state: FamilyState) -> None:
+    """Remove what ``rules`` installed.
+
+    Dry-run records Istio's per-command deletes. For real, everything goes in one restore
+    transaction; if that is refused (part of the rule set is already gone) the per-command
+    deletes run with errors ignored, as Istio runs them.
+    """
+    if not cfg.dry_run:
+        if state.empty:
+            return
+        done = ex.run([x.restore, "--noflush", *x.wait], stdin=cleanup_restore_text(rules))
+        if done.rc == 0:
+            return
+        log.info("partial rule set found; removing rule by rule")
+    for args in cleanup_commands(rules):
+        ex.run([x.binary, *x.wait, *args])
 
 
 def _apply(cfg: CaptureConfig, ex: Executor, xt: dict[int, Xtables], rules: RuleSet,

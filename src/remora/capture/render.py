@@ -92,6 +92,17 @@ def cleanup_commands(rules: Sequence[Rule]) -> list[list[str]]:
     return cmds
 
 
+def cleanup_restore_text(rules: Sequence[Rule]) -> str:
+    """:func:`cleanup_commands` as one iptables-restore input (one transaction)."""
+    tables: dict[str, list[str]] = {}
+    for args in cleanup_commands(rules):
+        tables.setdefault(args[1], []).append(" ".join(args[2:]))
+    out: list[str] = []
+    for table, lines in sorted(tables.items()):
+        out += [f"* {table}", *lines, "COMMIT"]
+    return "".join(line + "\n" for line in out)
+
+
 # ------------------------------------------------------------------------- iptables-save
 
 
