@@ -197,3 +197,35 @@ def test_cleanup_of_a_partly_removed_rule_set(ns: str) -> None:
     out = remora(ns, *INJECTOR, "--cleanup-only")
     assert out.returncode == 0, out.stderr
     assert save(ns) == pristine
+
+
+def nft_tables(ns: str) -> str:
+    return sh("ip", "netns", "exec", ns, "nft", "list", "tables").stdout
+
+
+def test_native_nftables_through_the_cli(ns: str) -> None:
+    dry = remora(ns, *INJECTOR, "--native-nftables", "--dry-run")
+    assert dry.returncode == 0
+    assert dry.stdout.startswith("add table inet istio-proxy-nat\n")
+    assert "istio-proxy" not in nft_tables(ns)       # dry-run applied nothing
+    sh("ip", "netns", "exec", ns, "nft", "add", "table", "inet", "other")
+    assert remora(ns, *INJECTOR, "--native-nftables").returncode == 0
+    ruleset = sh("ip", "netns", "exec", ns, "nft", "list", "table", "inet",
+                 "istio-proxy-nat").stdout
+    assert "redirect to :15001" in ruleset and "redirect to :15006" in ruleset
+    again = remora(ns, *INJECTOR, "--native-nftables")
+    assert again.returncode == 0
+    assert sh("ip", "netns", "exec", ns, "nft", "list", "table", "inet",
+              "istio-proxy-nat").stdout == ruleset
+    assert remora(ns, *INJECTOR, "--native-nftables", "--cleanup-only").returncode == 0
+    tables = nft_tables(ns)
+    assert "istio-proxy" not in tables and "inet other" in tables
+
+
+def test_force_apply_reapplies_in_place(ns: str) -> None:
+    assert remora(ns, *INJECTOR).returncode == 0
+    before = nat_rules(ns)
+    out = remora(ns, *INJECTOR, "--force-apply")
+    assert out.returncode == 0, out.stderr
+    assert "nothing changed" not in out.stderr
+    assert nat_rules(ns) == before
