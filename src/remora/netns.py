@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import ipaddress
 import os
 import pickle
@@ -26,6 +27,8 @@ import re
 import secrets
 import select
 import signal
+import socket
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -54,6 +57,7 @@ __all__ = [
     "run_in_netns",
     "temporary_netns",
     "unique_name",
+    "wait_link_running",
 ]
 
 T = TypeVar("T")
@@ -207,17 +211,72 @@ def add_veth_pair(
     for ifname in (a_ifname, b_ifname):
         if not 0 < len(ifname) < 16 or "/" in ifname or " " in ifname:
             raise ValueError(f"not a usable interface name: {ifname!r}")
-    _ip(["-n", a.name, "link", "add", a_ifname, "type", "veth",
-         "peer", "name", b_ifname, "netns", b.name])  # fmt: skip
+    # Distinct ifindexes on the two ends: the kernel's link watcher treats a carrier change of
+    # a device whose peer index (iflink) equals its own index as non-urgent and rate-limits it
+    # system-wide to one run per second, which would leave the second end "not running" (no
+    # IPv6 multicast route, so neighbour discovery fails) for up to a second.
+    a_index = _max_ifindex(a) + 1
+    b_index = max(_max_ifindex(b) + 1, a_index + 1)
+    _ip(["-n", a.name, "link", "add", a_ifname, "index", str(a_index), "type", "veth",
+         "peer", "name", b_ifname, "index", str(b_index), "netns", b.name])  # fmt: skip
     for ns, ifname, ifs in ((a, a_ifname, a_ifs), (b, b_ifname, b_ifs)):
         for iface in ifs:
             extra = ["nodad"] if iface.version == 6 else []
             _ip(["-n", ns.name, "addr", "add", str(iface), "dev", ifname, *extra])
         _ip(["-n", ns.name, "link", "set", ifname, "up"])
+    for ns, ifname in ((a, a_ifname), (b, b_ifname)):
+        wait_link_running(ns, ifname)
     return NetnsPair(
         a=VethEnd(netns=a, ifname=a_ifname, addresses=a_ifs),
         b=VethEnd(netns=b, ifname=b_ifname, addresses=b_ifs),
     )
+
+
+def _max_ifindex(ns: Netns) -> int:
+    out = _ip(["-n", ns.name, "-o", "link", "show"]).stdout
+    return max((int(line.split(":", 1)[0]) for line in out.splitlines() if line.strip()), default=1)
+
+
+_SIOCGIFFLAGS = 0x8913
+_IFF_RUNNING = 0x40
+_RTMGRP_LINK = 0x1
+
+
+def _link_running(ifname: str) -> bool:
+    """IFF_RUNNING of an interface of the current namespace (SIOCGIFFLAGS)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        req = struct.pack("16sH22x", ifname.encode(), 0)
+        res = fcntl.ioctl(sock.fileno(), _SIOCGIFFLAGS, req)
+    (flags,) = struct.unpack_from("H", res, 16)
+    return bool(flags & _IFF_RUNNING)
+
+
+def _wait_running_here(ifname: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
+        nl.bind((0, _RTMGRP_LINK))  # subscribe first, then look: no event can slip between
+        while not _link_running(ifname):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            ready, _, _ = select.select([nl], [], [], remaining)
+            if ready:
+                nl.recv(65536)  # any link event: look again
+    return True
+
+
+def wait_link_running(ns: Netns | str, ifname: str, *, timeout: float = 5.0) -> None:
+    """Wait (on netlink link events, not by polling) until ``ifname`` in ``ns`` is RUNNING.
+
+    A veth end that was just brought up is not usable until the kernel's link watcher has
+    processed its carrier change: only then does IPv6 add its multicast route (neighbour
+    solicitations arriving earlier are dropped, costing the first connection a 1 s
+    retransmission). Usually immediate (see `add_veth_pair` on ifindexes); when the link
+    watcher is rate-limited it can take up to ~1 s.
+    """
+    name = _ns_name(ns)
+    if not call_in_netns(name, lambda: _wait_running_here(ifname, timeout), timeout=timeout + 5):
+        raise EnvironmentFault(f"{ifname} in netns {name} not running after {timeout}s")
 
 
 def add_default_route(

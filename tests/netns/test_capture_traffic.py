@@ -108,7 +108,7 @@ def test_proxy_uid_or_gid_outbound_goes_direct(env: CaptureEnv, uid: int, gid: i
 def test_proxy_uid_or_gid_to_nowhere_is_not_captured(env: CaptureEnv, uid: int, gid: int) -> None:
     # Off-link, no listener anywhere: direct means the connection fails (the peer does not
     # forward); captured would mean the 15001 listener accepts it.
-    result = env.from_pod(env.nowhere, PEER_PORT, uid=uid, gid=gid, timeout=1.0)
+    result = env.from_pod(env.nowhere, PEER_PORT, uid=uid, gid=gid, timeout=0.5)
     assert not result.ok, f"unexpectedly connected: {result.reply}"
     assert result.reply is None
     assert result.source is not None
@@ -190,5 +190,5 @@ def test_without_rules_nothing_is_captured(version: int) -> None:
         assert got.listener_port == APP_PORT
         got = bare.arrival(bare.from_pod(bare.peer_ip, PEER_PORT, uid=1000, gid=1000))
         assert (got.server, got.listener_port) == ("peer", PEER_PORT)
-        result = bare.from_pod(bare.nowhere, PEER_PORT, uid=1000, gid=1000, timeout=1.0)
+        result = bare.from_pod(bare.nowhere, PEER_PORT, uid=1000, gid=1000, timeout=0.5)
         assert not result.ok

@@ -61,6 +61,10 @@ def test_pair_addresses_routes_and_lo() -> None:
         assert "default via 10.1.0.2 dev eth0" in routes
         routes6 = pair.a.netns.run(["ip", "-6", "route"]).stdout
         assert "default via fd00:1::2 dev eth0" in routes6
+        # both ends RUNNING when netns_pair returns, so IPv6 neighbour discovery works at once
+        for end in (pair.a, pair.b):
+            table = end.netns.run(["ip", "-6", "route", "show", "table", "all"]).stdout
+            assert "multicast ff00::/8 dev eth0" in table, table
         # the veth was made inside the namespaces: the host namespace never saw it
         assert socket.if_nameindex() == host_links
 
