@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from rich import box
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
@@ -40,6 +41,7 @@ __all__ = [
     "demo_rows",
     "injector_flags",
     "remora_executable",
+    "render_lines",
     "render_table",
     "run_capture_demo",
     "run_demo",
@@ -138,9 +140,9 @@ def _verdict(result: ConnectResult) -> tuple[str, str | None, str]:
     arrived = f"{reply.server}:{reply.listener_port}"
     od = None if reply.original_dst is None else str(reply.original_dst)
     if reply.server == "pod" and reply.listener_port == INBOUND_PORT:
-        return arrived, od, "captured → proxy inbound"
+        return arrived, od, "captured (inbound)"
     if reply.server == "pod" and reply.listener_port == OUTBOUND_PORT:
-        return arrived, od, "captured → proxy outbound"
+        return arrived, od, "captured (outbound)"
     # not redirected: the original destination is where it arrived, nothing to recover
     return arrived, None, "direct"
 
@@ -187,17 +189,18 @@ def run_capture_demo(
             return Endpoint(host=host, port=port)
 
         cases = [
-            _Case(name="inbound request to the app", client="peer", from_pod=False,
+            _Case(name="inbound request to the app", client="the peer", from_pod=False,
                   target=ep(pod_ip, APP_PORT), expected=f"pod:{INBOUND_PORT}"),
-            _Case(name="app calls another service", client=f"app (uid {APP_UID})",
+            _Case(name="app calls a service", client=f"the app, uid {APP_UID}",
                   from_pod=True, uid=APP_UID, gid=APP_UID, target=ep(peer_ip, PEER_PORT),
                   expected=f"pod:{OUTBOUND_PORT}"),
-            _Case(name="proxy calls the upstream", client=f"proxy (uid {PROXY_UID})",
+            _Case(name="proxy calls the upstream", client=f"the proxy, uid {PROXY_UID}",
                   from_pod=True, uid=PROXY_UID, gid=PROXY_UID, target=ep(peer_ip, PEER_PORT),
                   expected=f"peer:{PEER_PORT}"),
-            _Case(name="kubelet health check (excluded port)", client="peer", from_pod=False,
+            _Case(name="health check (excluded port)", client="the peer", from_pod=False,
                   target=ep(pod_ip, HEALTH_PORT), expected=f"pod:{HEALTH_PORT}"),
-            _Case(name="proxy passes inbound to the app", client=f"proxy from {PASSTHROUGH_SRC}",
+            _Case(name="proxy hands inbound to the app",
+                  client=f"the proxy, uid {PROXY_UID}, source {PASSTHROUGH_SRC}",
                   from_pod=True, uid=PROXY_UID, gid=PROXY_UID, source=PASSTHROUGH_SRC,
                   target=ep(pod_ip, APP_PORT), expected=f"pod:{APP_PORT}"),
         ]  # fmt: skip
@@ -247,26 +250,47 @@ def demo_rows(*, mode: Mode = "REDIRECT") -> list[DemoRow]:
 
 
 def render_table(rows: tuple[DemoRow, ...] | list[DemoRow]) -> Table:
-    table = Table(title="Where each connection arrived", title_justify="left")
-    table.add_column("connection")
-    table.add_column("from")
-    table.add_column("to")
-    table.add_column("arrived at")
-    table.add_column("original dst")
-    table.add_column("verdict")
-    table.add_column("as expected", justify="center")
+    table = Table(title="Where each connection arrived", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("connection", ratio=1)
+    table.add_column("to", no_wrap=True)
+    table.add_column("arrived at", no_wrap=True)
+    table.add_column("original dst", no_wrap=True)
+    table.add_column("verdict", no_wrap=True)
     for row in rows:
         style = "green" if row.ok else "bold red"
+        mark = "✓" if row.ok else f"✗ expected {row.expected}"
         table.add_row(
-            row.name,
-            row.client,
+            Text.assemble(row.name, "\n", (f"from {row.client}", "dim")),
             row.target,
             Text(row.arrived, style=style),
             row.original_dst or "—",
-            row.verdict,
-            Text("yes" if row.ok else f"no (wanted {row.expected})", style=style),
+            Text.assemble(row.verdict, " ", (mark, style)),
         )
     return table
+
+
+def render_lines(rows: tuple[DemoRow, ...] | list[DemoRow]) -> Text:
+    """The same as `render_table`, one short paragraph per connection, for narrow consoles."""
+    out = Text("Where each connection arrived\n", style="italic")
+    for i, row in enumerate(rows, 1):
+        style = "green" if row.ok else "bold red"
+        mark = "✓" if row.ok else f"✗ expected {row.expected}"
+        od = f", original dst {row.original_dst}" if row.original_dst else ""
+        out.append_text(
+            Text.assemble(
+                f"{i}. {row.name} ",
+                (f"(from {row.client})", "dim"),
+                "\n",
+                f"   to {row.target} → arrived at ",
+                (row.arrived, style),
+                od,
+                "\n",
+                f"   {row.verdict} ",
+                (mark, style),
+                "\n",
+            )
+        )
+    return out
 
 
 def run_demo(console: Console | None = None) -> int:
@@ -293,7 +317,7 @@ def run_demo(console: Console | None = None) -> int:
             expand=False,
         )
     )
-    out.print(render_table(result.rows))
+    out.print(render_table(result.rows) if out.width >= 110 else render_lines(result.rows))
     if result.ok:
         out.print(
             f"[green]All {len(result.rows)} connections went where Istio's rules send them.[/green]"

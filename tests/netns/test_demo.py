@@ -23,19 +23,19 @@ def test_demo_rows(mode: Mode) -> None:
 
     inbound = rows["inbound request to the app"]
     assert (inbound.arrived, inbound.original_dst) == ("pod:15006", f"{pod}:8080")
-    assert inbound.verdict == "captured → proxy inbound"
+    assert inbound.verdict == "captured (inbound)"
 
-    outbound = rows["app calls another service"]
+    outbound = rows["app calls a service"]
     assert (outbound.arrived, outbound.original_dst) == ("pod:15001", f"{peer}:80")
-    assert outbound.verdict == "captured → proxy outbound"
+    assert outbound.verdict == "captured (outbound)"
 
     proxy = rows["proxy calls the upstream"]
     assert (proxy.arrived, proxy.verdict) == ("peer:80", "direct")
 
-    health = rows["kubelet health check (excluded port)"]
+    health = rows["health check (excluded port)"]
     assert (health.arrived, health.verdict) == ("pod:15021", "direct")
 
-    passthrough = rows["proxy passes inbound to the app"]
+    passthrough = rows["proxy hands inbound to the app"]
     assert (passthrough.arrived, passthrough.verdict) == ("pod:8080", "direct")
 
     assert result.ok and len(result.rows) == 5
@@ -44,13 +44,15 @@ def test_demo_rows(mode: Mode) -> None:
     assert not netns.netns_exists(result.pod) and not netns.netns_exists(result.peer)
 
 
-def test_run_demo_prints_the_table_and_returns_0() -> None:
+@pytest.mark.parametrize("width", [200, 80])
+def test_run_demo_prints_the_table_and_returns_0(width: int) -> None:
     require_root()
     buf = io.StringIO()
-    code = run_demo(Console(file=buf, width=200, color_system=None))
+    code = run_demo(Console(file=buf, width=width, color_system=None))
     text = buf.getvalue()
     assert code == 0, text
     assert "Where each connection arrived" in text
-    assert "captured → proxy inbound" in text and "captured → proxy outbound" in text
+    assert "captured (inbound)" in text and "captured (outbound)" in text
     assert "-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT" in text
+    assert "10.77.0.1:8080" in text and "pod:15006" in text and "pod:15001" in text
     assert "All 5 connections went where Istio's rules send them." in text
