@@ -229,3 +229,35 @@ def test_force_apply_reapplies_in_place(ns: str) -> None:
     assert out.returncode == 0, out.stderr
     assert "nothing changed" not in out.stderr
     assert nat_rules(ns) == before
+
+
+def test_dns_servers_come_from_the_namespace_resolv_conf(ns: str) -> None:
+    # `ip netns exec NAME` bind-mounts /etc/netns/NAME/resolv.conf over /etc/resolv.conf.
+    etc = Path("/etc/netns") / ns
+    etc.mkdir(parents=True)
+    try:
+        (etc / "resolv.conf").write_text("search svc.cluster.local\nnameserver 10.96.0.10\n"
+                                         "nameserver ::127.0.0.53\n")
+        out = remora(ns, *INJECTOR, "--redirect-dns")
+        assert out.returncode == 0, out.stderr
+        rules = nat_rules(ns)
+        assert "-A ISTIO_OUTPUT_DNS -d 10.96.0.10/32 -p udp -m udp --dport 53 " \
+               "-j REDIRECT --to-ports 15053" in rules
+        assert "-A ISTIO_OUTPUT -j ISTIO_OUTPUT_DNS" in rules
+        # IPv6 is off here (the namespace's first address is IPv4): no ip6tables rules.
+        assert "ISTIO" not in save(ns, "ip6tables")
+    finally:
+        (etc / "resolv.conf").unlink(missing_ok=True)
+        etc.rmdir()
+
+
+def test_ipv6_is_detected_from_an_ipv6_only_namespace(ns: str) -> None:
+    pod_if = sh("ip", "-n", ns, "-o", "link", "show", "type", "veth").stdout.split(":")[1].strip()
+    pod_if = pod_if.split("@")[0]
+    sh("ip", "-n", ns, "addr", "flush", "dev", pod_if)
+    sh("ip", "-n", ns, "addr", "add", "fd00:231::2/64", "dev", pod_if, "nodad")
+    out = remora(ns, *INJECTOR)
+    assert out.returncode == 0, out.stderr
+    v6 = sh("ip", "netns", "exec", ns, "ip6tables", "-t", "nat", "-S").stdout
+    assert "-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN" in v6
+    assert "inet6 ::6/128" in sh("ip", "-n", ns, "addr", "show", "dev", "lo").stdout
