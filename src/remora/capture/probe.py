@@ -607,7 +607,8 @@ class ConnectResult:
     reply: Accept | None = None
 
 
-def _drop_privileges(uid: int | None, gid: int | None) -> None:
+def drop_privileges(uid: int | None, gid: int | None) -> None:
+    """Become ``uid``/``gid`` with no supplementary groups (None keeps the current one)."""
     if uid is None and gid is None:
         return
     os.setgroups([])
@@ -626,7 +627,7 @@ def _connect_here(
     timeout: float,
     read_reply: bool,
 ) -> ConnectResult:
-    _drop_privileges(uid, gid)
+    drop_privileges(uid, gid)
     real_uid, real_gid = os.getuid(), os.getgid()
     family = socket.AF_INET6 if target.version == 6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

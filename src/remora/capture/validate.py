@@ -16,24 +16,11 @@ import ipaddress
 import os
 import select
 import socket
-import struct
 import time
 
 from remora.capture.config import CaptureConfig
+from remora.capture.probe import drop_privileges, original_dst
 from remora.errors import EnvironmentFault, ValidationFailed
-
-SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
-
-
-def original_dst(sock: socket.socket) -> tuple[str, int]:
-    """The pre-NAT destination of a REDIRECTed connection (IPv4 or IPv6)."""
-    if sock.family == socket.AF_INET6:
-        raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
-        port = struct.unpack_from("!H", raw, 2)[0]
-        return str(ipaddress.IPv6Address(raw[8:24])), port
-    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-    port = struct.unpack_from("!H", raw, 2)[0]
-    return str(ipaddress.IPv4Address(raw[4:8])), port
 
 
 def _listeners(host: str, ports: tuple[int, ...]) -> list[socket.socket]:
@@ -61,11 +48,7 @@ def _probe_as(uid: int | None, gid: int | None, src: str, dst: tuple[str, int]) 
         return pid
     code = 1
     try:
-        if gid is not None:
-            os.setgroups([])
-            os.setgid(gid)
-        if uid is not None:
-            os.setuid(uid)
+        drop_privileges(uid, gid)
         family = socket.AF_INET6 if ":" in src else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as s:
             s.settimeout(1.0)
@@ -105,11 +88,13 @@ def run_validation(cfg: CaptureConfig) -> None:
                     continue
                 with conn:
                     try:
-                        _, port = original_dst(conn)
+                        orig = original_dst(conn)
                     except OSError:
                         continue
-                    conn.sendall(str(port).encode())
-                if port == cfg.probe_port:
+                    if orig is None:
+                        continue
+                    conn.sendall(str(orig.port).encode())
+                if orig.port == cfg.probe_port:
                     return
     finally:
         for s in servers:
