@@ -27,7 +27,8 @@ from remora.errors import BadInput
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MatchKind = Literal["src", "dst", "in", "out", "proto", "dport", "sport", "dports", "sports",
-                    "ports", "uid", "gid", "mark", "connmark", "ctstate", "comment", "unknown"]
+                    "ports", "uid", "gid", "mark", "connmark", "ctstate", "comment", "family",
+                    "unknown"]
 TargetKind = Literal["jump", "goto", "RETURN", "ACCEPT", "DROP", "REJECT", "REDIRECT",
                      "TPROXY", "MARK", "CONNMARK", "CT", "LOG", "unknown"]
 
@@ -44,7 +45,7 @@ class Match:
     module: str = ""                                  # the -m module it came from ("" = none)
     net: IPNetwork | None = None                      # src, dst
     iface: str = ""                                   # in, out (a trailing + is a prefix)
-    proto: str = ""                                   # proto
+    proto: str = ""                                   # proto; family: "ipv4" / "ipv6"
     ports: tuple[tuple[int, int], ...] = ()           # dport, sport, dports, sports, ports
     ids: tuple[int, int] | None = None                # uid, gid (a range)
     name: str = ""                                    # uid/gid given as a name
@@ -77,6 +78,7 @@ class ParsedRule:
     target: Target | None = None
     source: str = ""                                  # the text it was parsed from
     family: int = 4
+    native: str = ""                                  # nft rule text, for nftables rules
 
     @property
     def unknown(self) -> tuple[str, ...]:
@@ -88,8 +90,8 @@ class ParsedRule:
 
     @property
     def text(self) -> str:
-        """The rule as the kernel lists it (``-A CHAIN …``)."""
-        return print_rule(self)
+        """The rule as the kernel lists it (``-A CHAIN …``, or nft's own text)."""
+        return self.native or print_rule(self)
 
     @property
     def jumps_to(self) -> str:

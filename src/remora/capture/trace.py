@@ -230,6 +230,9 @@ def match_one(m: Match, p: _Packet, hook: str) -> bool | None:
     c = p.conn
     if m.kind == "comment":
         return True
+    if m.kind == "family":
+        # nft's implicit dependency of an `ip`/`ip6` expression: other families never match.
+        return (p.dst.version == (4 if m.proto == "ipv4" else 6)) != m.negated
     if m.kind == "unknown":
         return None
     if m.kind in ("src", "dst"):
