@@ -2,20 +2,31 @@
 errors to exit codes. Nothing else.
 
 Exit codes: 0 success; 1 bad input, environment or apply failure (as istio-iptables);
-2 usage error of `remora` itself (unknown command); 126 iptables validation failed.
+2 usage error of `remora` itself (unknown command) and bad input to `remora trace`
+(unparseable rules, unknown namespace, malformed address); 126 iptables validation failed.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from typing import Literal, NoReturn
 
-from remora.errors import RemoraError
+from remora.errors import BadInput, RemoraError
+
+
+class UsageError(BadInput):
+    """A malformed command line or input of a `remora` command other than iptables."""
+
+    exit_code = 2
 
 COMMANDS = {
     "iptables": "write the pod's capture rules (Istio: pilot-agent istio-iptables)",
+    "trace": "show where a connection goes through the capture rules, and why",
     "demo": "run the capture demo in a throwaway network namespace",
 }
 
@@ -51,6 +62,67 @@ def cmd_iptables(argv: Sequence[str]) -> int:
     return run(cfg, sys.stdout)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (exit code 2, via BadInput)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def cmd_trace(argv: Sequence[str]) -> int:
+    from remora.capture.trace_cmd import TraceOptions, run_trace
+
+    args = list(argv)
+    mode: Literal["trace", "explain", "matrix"] = "trace"
+    if args and args[0] == "explain":
+        mode = "explain"
+        args.pop(0)
+    elif args and args[0] == "matrix":
+        mode = "matrix"
+        args.pop(0)
+    p = _Parser(prog="remora trace", description="Show where a connection goes through the "
+                "capture rules of a network namespace, and why.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--netns", help="a named network namespace (ip netns)")
+    src.add_argument("--pid", type=int, help="the network namespace of this process")
+    src.add_argument("--iptables-args", metavar="FLAGS",
+                     help="the rules istio-iptables would write for these flags")
+    src.add_argument("--save-file", metavar="FILE", help="iptables-save output")
+    way = p.add_mutually_exclusive_group()
+    way.add_argument("--outbound", dest="direction", action="store_const", const="outbound")
+    way.add_argument("--inbound", dest="direction", action="store_const", const="inbound")
+    p.add_argument("--dst", metavar="IP:PORT")
+    p.add_argument("--src", metavar="IP[:PORT]")
+    p.add_argument("--proto", choices=("tcp", "udp"), default="tcp")
+    p.add_argument("--uid", type=int)
+    p.add_argument("--gid", type=int)
+    p.add_argument("--iface", metavar="NAME",
+                   help="output (outbound) or input (inbound) interface")
+    p.add_argument("--pod-ip", metavar="IP",
+                   help="the namespace's own address (default: read from a live namespace, "
+                   "else 10.0.0.2 / fd00::2)")
+    p.add_argument("--dns-server", action="append", default=[], metavar="IP",
+                   help="resolv.conf nameserver for --iptables-args with --redirect-dns")
+    p.add_argument("--matrix", action="store_true", help="verdicts for the usual cases")
+    p.add_argument("--explain", action="store_true", help="what each rule is for")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="show rules that did not match")
+    ns = p.parse_args(args)
+    if ns.matrix:
+        mode = "matrix"
+    if ns.explain:
+        mode = "explain"
+    opts = TraceOptions(netns=ns.netns, pid=ns.pid, iptables_args=ns.iptables_args,
+                        save_file=ns.save_file, mode=mode, direction=ns.direction, dst=ns.dst,
+                        src=ns.src, proto=ns.proto, uid=ns.uid, gid=ns.gid, iface=ns.iface,
+                        pod_ip=ns.pod_ip, dns_servers=ns.dns_server, json=ns.json,
+                        verbose=ns.verbose)
+    try:
+        return run_trace(opts, sys.stdout)
+    except BadInput as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_demo(argv: Sequence[str]) -> int:
     from remora.demo import run_demo
 
@@ -63,11 +135,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage())
         return 0 if args else 2
     command, rest = args[0], args[1:]
-    handler = {"iptables": cmd_iptables, "demo": cmd_demo}.get(command)
+    handler = {"iptables": cmd_iptables, "trace": cmd_trace, "demo": cmd_demo}.get(command)
     if handler is None:
         print(f"Error: unknown command {command!r} for \"remora\"", file=sys.stderr)
         return 2
     _setup_logging(rest)
+    # Die quietly when the reader of our output goes away (`remora trace … | head`).
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         return handler(rest)
     except RemoraError as exc:
