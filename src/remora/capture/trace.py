@@ -538,7 +538,8 @@ def _why_not(rule: ParsedRule | None, conn: Connection) -> str:
 def local_context(addresses: Iterable[IPAddress], rs: Ruleset,
                   routed_marks: Iterable[int] | None = None) -> Context:
     """A context from the namespace's addresses, with the proxy's ids read off the rules
-    (``-m owner --uid-owner N -j RETURN`` in ISTIO_OUTPUT), defaulting to 1337."""
+    (``-m owner --uid-owner N -j RETURN`` in ISTIO_OUTPUT) plus Istio's 1337, so a proxy
+    running as 1337 under rules written for another uid shows up as a loop."""
     uids: set[int] = set()
     gids: set[int] = set()
     for rule in rs.rules():
@@ -549,7 +550,7 @@ def local_context(addresses: Iterable[IPAddress], rs: Ruleset,
                 and len(rule.matches) == 1:
             (uids if owners[0].kind == "uid" else gids).add(owners[0].ids[0])
     return Context(local_addresses=frozenset(addresses),
-                   proxy_uids=frozenset(uids or {1337}), proxy_gids=frozenset(gids or {1337}),
+                   proxy_uids=frozenset(uids | {1337}), proxy_gids=frozenset(gids | {1337}),
                    tproxy_routed_marks=None if routed_marks is None else frozenset(routed_marks))
 
 
