@@ -300,7 +300,7 @@ def _match(m: Json) -> list[Match]:
             return [Match(kind="family", negated=neg, proto=which)]
         if key in ("iifname", "oifname", "iif", "oif") and op in eq_ops:
             kind: MatchKind = "in" if key in ("iifname", "iif") else "out"
-            return [Match(kind=kind, negated=neg, iface=_iface(right))]
+            return [Match(kind=kind, negated=neg, module="meta", iface=_iface(right))]
         if key in ("skuid", "skgid"):
             if isinstance(right, str) and not right.isdigit() and not right.startswith("@") \
                     and op in eq_ops:

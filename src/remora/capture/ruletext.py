@@ -85,7 +85,7 @@ class ParsedRule:
         """Descriptions of the parts this model does not understand."""
         parts = [m.text for m in self.matches if m.kind == "unknown"]
         if self.target is not None and self.target.kind == "unknown":
-            parts.append(f"-j {self.target.text}")
+            parts.append(self.target.text if self.native else f"-j {self.target.text}")
         return tuple(parts)
 
     @property

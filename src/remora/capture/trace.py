@@ -239,10 +239,11 @@ def match_one(m: Match, p: _Packet, hook: str) -> bool | None:
         addr = p.src if m.kind == "src" else p.dst
         assert m.net is not None
         hit = addr.version == m.net.version and addr in m.net
-    elif m.kind == "in":
-        hit = bool(p.in_iface) and _iface_eq(m.iface, p.in_iface)
-    elif m.kind == "out":
-        hit = bool(p.out_iface) and _iface_eq(m.iface, p.out_iface)
+    elif m.kind in ("in", "out"):
+        name = p.in_iface if m.kind == "in" else p.out_iface
+        if not name and m.module == "meta":
+            return False  # nft: no such interface in this hook never matches, even with !=
+        hit = bool(name) and _iface_eq(m.iface, name)
     elif m.kind == "proto":
         hit = m.proto in ("all", "0") or m.proto == c.proto
     elif m.kind in ("dport", "sport", "dports", "sports", "ports"):
@@ -256,8 +257,9 @@ def match_one(m: Match, p: _Packet, hook: str) -> bool | None:
             hit = _port_in(p.dport, m.ports) or _port_in(p.sport, m.ports)
     elif m.kind in ("uid", "gid"):
         if hook not in ("OUTPUT", "POSTROUTING"):
-            # No local socket: the kernel's owner match is true only if every test is negated.
-            return m.negated
+            # No local socket: iptables' owner match is true only if every test is negated;
+            # nft's meta skuid/skgid never matches.
+            return m.negated and m.module != "meta"
         if m.ids is None:
             return None  # a name the kernel would have resolved; we cannot
         ident = c.uid if m.kind == "uid" else c.gid
@@ -482,13 +484,18 @@ def _ep(addr: IPAddress, port: int) -> str:
     return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
 
 
+def _chain_is(chain: str, iptables_name: str) -> bool:
+    """Istio's chain names: ``ISTIO_IN_REDIRECT`` (iptables) or ``istio-in-redirect`` (nft)."""
+    return chain in (iptables_name, iptables_name.lower().replace("_", "-"))
+
+
 def _capture_kind(rule: ParsedRule, conn: Connection) -> str:
-    if rule.chain == REDIRECT:
+    if _chain_is(rule.chain, REDIRECT):
         return "outbound"
-    if rule.chain == IN_REDIRECT:
+    if _chain_is(rule.chain, IN_REDIRECT):
         return "inbound"
-    if rule.chain == OUTPUT_DNS or (rule.target and rule.target.to_ports
-                                    and rule.target.to_ports[0] == 15053):
+    if _chain_is(rule.chain, OUTPUT_DNS) or (rule.target and rule.target.to_ports
+                                             and rule.target.to_ports[0] == 15053):
         return "DNS"
     return conn.direction
 
@@ -517,7 +524,7 @@ def _why_not(rule: ParsedRule | None, conn: Connection) -> str:
     for key in ("dport", "dports"):
         port_match = kinds.get(key)
         if port_match is not None and not port_match.negated:
-            side = "inbound" if "INBOUND" in rule.chain or rule.chain == "PREROUTING" \
+            side = "inbound" if "INBOUND" in rule.chain.upper() or rule.chain == "PREROUTING" \
                 else "outbound"
             return f"port {conn.dport} is excluded ({side}) ({text})"
     if dst is not None and not dst.negated and dst.net is not None:
@@ -543,7 +550,8 @@ def local_context(addresses: Iterable[IPAddress], rs: Ruleset,
     uids: set[int] = set()
     gids: set[int] = set()
     for rule in rs.rules():
-        if rule.chain != "ISTIO_OUTPUT" or rule.target is None or rule.target.kind != "RETURN":
+        if not _chain_is(rule.chain, "ISTIO_OUTPUT") or rule.target is None \
+                or rule.target.kind != "RETURN":
             continue
         owners = [m for m in rule.matches if m.kind in ("uid", "gid")]
         if len(owners) == 1 and not owners[0].negated and owners[0].ids \

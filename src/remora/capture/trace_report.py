@@ -84,7 +84,8 @@ def purpose(rule: ParsedRule, proxy_ids: frozenset[int] = frozenset({1337})) -> 
     mark = _m(rule, "mark")
     owner = uid or gid
     who = f"{owner.kind} {owner.ids[0] if owner.ids else owner.name}" if owner else ""
-    ports = ",".join(str(lo) for lo, _ in (dport or dports).ports) if (dport or dports) else ""
+    port_match = dport or dports
+    ports = ",".join(str(lo) for lo, _ in port_match.ports) if port_match else ""
     if kind == "REDIRECT" and t is not None and t.to_ports is not None:
         port = t.to_ports[0]
         if port == DNS_AGENT_PORT:

@@ -88,7 +88,7 @@ def test_injector_rule_matches_and_targets() -> None:
     r = rule(rs, 4, "nat", "istio-output", 'oifname "lo" ip daddr != 127.0.0.1 tcp dport != '
              "15008 meta skuid 1337 counter jump istio-in-redirect")
     assert r.matches == (
-        Match(kind="out", iface="lo"),
+        Match(kind="out", module="meta", iface="lo"),
         fam("ipv4"),
         Match(kind="dst", negated=True, net=N("127.0.0.1/32")),
         Match(kind="dport", negated=True, module="tcp", ports=((15008, 15008),)),
@@ -97,7 +97,7 @@ def test_injector_rule_matches_and_targets() -> None:
     assert r.target == Target(kind="jump", chain="istio-in-redirect")
     r = rule(rs, 6, "nat", "istio-output",
              'oifname "lo" meta skuid != 1337 counter return')
-    assert r.matches == (Match(kind="out", iface="lo"),
+    assert r.matches == (Match(kind="out", module="meta", iface="lo"),
                          Match(kind="uid", negated=True, module="meta", ids=(1337, 1337)))
     assert r.target == Target(kind="RETURN")
     assert r.family == 6
@@ -148,7 +148,7 @@ def test_everything_tproxy_mark_connmark_zone() -> None:
                                  ports=((53, 53), (15008, 15008)))
     r = rule(rs, 6, "nat", "PREROUTING",
              'iifname "eth1" ip6 daddr 2001:db8::/32 counter jump istio-redirect')
-    assert r.matches == (Match(kind="in", iface="eth1"), fam("ipv6"),
+    assert r.matches == (Match(kind="in", module="meta", iface="eth1"), fam("ipv6"),
                          Match(kind="dst", net=N("2001:db8::/32")))
     # Both families hold every rule of an inet table, the family match sorting them out.
     assert len(chain(rs, 4, "nat", "istio-output")) == len(chain(rs, 6, "nat", "istio-output"))
@@ -161,7 +161,7 @@ def test_other_shapes_matches() -> None:
     rs = load("nft-other-shapes")
     pre = {r.native: r for r in chain(rs, 4, "nat", "PREROUTING")}
     assert pre['iifname "veth*" tcp dport 1000-2000 redirect'].matches == (
-        Match(kind="in", iface="veth+"),
+        Match(kind="in", module="meta", iface="veth+"),
         Match(kind="dport", module="tcp", ports=((1000, 2000),)))
     assert pre['iifname "veth*" tcp dport 1000-2000 redirect'].target == Target(kind="REDIRECT")
     assert pre["tcp dport { 80, 8000-8100 } redirect to :15001"].matches[0].ports == (
@@ -203,7 +203,7 @@ def test_other_shapes_unknown_parts_are_named() -> None:
     m = {r.native: r for r in chain(rs, 6, "mangle", "PREROUTING")}
     assert m["meta l4proto tcp tproxy to :15006"].target == Target(
         kind="unknown", text="tproxy to :15006")       # no accept: the rule goes on
-    assert m["th dport 53 notrack"].unknown == ("th dport 53", "-j notrack")
+    assert m["th dport 53 notrack"].unknown == ("th dport 53", "notrack")
 
 
 def test_other_shapes_targets_and_placement() -> None:
@@ -223,8 +223,8 @@ def test_other_shapes_targets_and_placement() -> None:
     assert by_text["ip daddr 10.0.0.1 goto other"].target == Target(kind="goto", chain="other")
     other = {r.native: r for r in flt.chains["other"]}
     assert other["continue"].target is None
-    assert other['iif "lo" accept'].matches == (Match(kind="in", iface="lo"),)
-    assert other['oifname "eth0*" drop'].matches == (Match(kind="out", iface="eth0+"),)
+    assert other['iif "lo" accept'].matches == (Match(kind="in", module="meta", iface="lo"),)
+    assert other['oifname "eth0*" drop'].matches == (Match(kind="out", module="meta", iface="eth0+"),)
     assert other["meta skuid 0 return"].matches[0].ids == (0, 0)
     # The regular chain is copied into each table kind its table's base chains feed.
     assert "other" in rs.tables[4]["nat"].chains
@@ -322,7 +322,7 @@ def test_convert_rule_edge_shapes() -> None:
         "garbage",
         {"drop": None}])
     assert matches[:2] == (Match(kind="proto", negated=True, proto="udp"),
-                           Match(kind="in", iface="a*"))
+                           Match(kind="in", module="meta", iface="a*"))
     assert [m.kind for m in matches[2:]] == ["unknown", "unknown", "unknown"]
     assert target == Target(kind="DROP")
     # iptables-nft's extension matches: JSON names them without their options.
@@ -401,3 +401,24 @@ def test_regular_chains_of_two_tables_in_one_kind_keep_apart() -> None:
     assert [r.target for r in nat.chains["x"]] == [Target(kind="ACCEPT")]
     assert [r.target for r in nat.chains["b/x"]] == [Target(kind="DROP")]
     assert rs.tables[6] == {}
+
+
+def test_verdict_words_on_nft_chain_names() -> None:
+    # Istio's nft chains are istio-in-redirect etc.: the proxy calling its own pod IP is an
+    # inbound capture, not a loop, and an excluded inbound port is called inbound.
+    import ipaddress
+
+    from remora.capture.trace import Connection, local_context, trace, with_defaults
+
+    rs = load("nft-injector-redirect.json")
+    pod = ipaddress.ip_address("10.0.0.2")
+    ctx = local_context([pod], rs)
+    own = with_defaults(Connection(direction="outbound", src=pod, dst=pod, dport=8080,
+                                   uid=1337, gid=1337), ctx, None)
+    v = trace(rs, own, ctx)
+    assert (v.captured, v.redirect_port, v.loops) == (True, 15006, False)
+    assert v.reason == "captured: REDIRECT to 15006 (inbound)"
+    probe = Connection(direction="inbound", src=ipaddress.ip_address("10.0.0.9"), dst=pod,
+                       dport=15021)
+    assert "port 15021 is excluded (inbound)" in trace(rs, probe, ctx).reason
+    assert ctx.proxy_uids == frozenset({1337})
