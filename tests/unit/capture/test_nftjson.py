@@ -410,7 +410,7 @@ def test_verdict_words_on_nft_chain_names() -> None:
 
     from remora.capture.trace import Connection, local_context, trace, with_defaults
 
-    rs = load("nft-injector-redirect.json")
+    rs = load("nft-injector-redirect")
     pod = ipaddress.ip_address("10.0.0.2")
     ctx = local_context([pod], rs)
     own = with_defaults(Connection(direction="outbound", src=pod, dst=pod, dport=8080,
