@@ -1,0 +1,442 @@
+"""Envoy v3 bootstrap in, the proxy's runtime :class:`~remora.proxy.model.Snapshot` out.
+
+Owns: reading a bootstrap file (YAML or JSON, as Envoy takes it), parsing it into the real
+``envoy.config.bootstrap.v3.Bootstrap`` proto (unknown fields are errors there), refusing
+every field Remora does not implement with a message naming it (never silently ignored), and
+compiling listeners and clusters into frozen runtime types.
+Must not: open sockets or start anything. Protobuf types stop here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import yaml
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.cluster.v3 import cluster_pb2
+
+# Importing the typed_config messages registers them for Any resolution.
+from envoy.extensions.filters.listener.http_inspector.v3 import (  # noqa: F401
+    http_inspector_pb2,
+)
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2  # noqa: F401
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2  # noqa: F401
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from google.protobuf import json_format, symbol_database
+from google.protobuf.message import Message
+
+from remora.errors import BadInput
+from remora.proxy.model import (
+    Admin,
+    Cluster,
+    ClusterType,
+    FilterChain,
+    FilterChainMatch,
+    HealthStatus,
+    LbEndpoint,
+    LbPolicy,
+    Listener,
+    ListenerFilter,
+    ListenerFilterName,
+    Locality,
+    NetworkFilter,
+    Node,
+    Snapshot,
+    SocketAddress,
+    SourceType,
+    TcpProxy,
+    Thresholds,
+    WeightedCluster,
+)
+
+# Fields Remora implements, per message type. Anything else set in a bootstrap is refused.
+ANY_FIELDS = "*"
+SUPPORTED: dict[str, str | frozenset[str]] = {
+    "envoy.config.bootstrap.v3.Bootstrap": frozenset({"node", "static_resources", "admin"}),
+    "envoy.config.core.v3.Node": frozenset({"id", "cluster", "metadata"}),
+    "google.protobuf.Struct": ANY_FIELDS,
+    "envoy.config.bootstrap.v3.Bootstrap.StaticResources": frozenset({"listeners", "clusters"}),
+    "envoy.config.bootstrap.v3.Admin": frozenset({"address", "access_log_path"}),
+    "envoy.config.core.v3.Address": frozenset({"socket_address"}),
+    "envoy.config.core.v3.SocketAddress": frozenset({"address", "port_value", "protocol"}),
+    "envoy.config.listener.v3.Listener": frozenset({
+        "name", "address", "additional_addresses", "filter_chains", "default_filter_chain",
+        "use_original_dst", "bind_to_port", "transparent", "traffic_direction",
+        "listener_filters", "listener_filters_timeout", "continue_on_listener_filters_timeout"}),
+    "envoy.config.listener.v3.AdditionalAddress": frozenset({"address"}),
+    "envoy.config.listener.v3.FilterChain": frozenset({"name", "filter_chain_match", "filters"}),
+    "envoy.config.listener.v3.FilterChainMatch": frozenset({
+        "destination_port", "prefix_ranges", "direct_source_prefix_ranges", "source_type",
+        "source_prefix_ranges", "source_ports", "server_names", "transport_protocol",
+        "application_protocols"}),
+    "envoy.config.core.v3.CidrRange": frozenset({"address_prefix", "prefix_len"}),
+    "envoy.config.listener.v3.Filter": frozenset({"name", "typed_config"}),
+    "envoy.config.listener.v3.ListenerFilter": frozenset({"name", "typed_config",
+                                                          "filter_disabled"}),
+    "envoy.config.listener.v3.ListenerFilterChainMatchPredicate": frozenset({
+        "destination_port_range", "or_match", "not_match"}),
+    "envoy.config.listener.v3.ListenerFilterChainMatchPredicate.MatchSet": frozenset({"rules"}),
+    "envoy.type.v3.Int32Range": frozenset({"start", "end"}),
+    "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy": frozenset({
+        "stat_prefix", "cluster", "weighted_clusters", "idle_timeout", "max_connect_attempts"}),
+    "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster": frozenset({
+        "clusters"}),
+    "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster.ClusterWeight":
+        frozenset({"name", "weight"}),
+    "envoy.extensions.filters.listener.original_dst.v3.OriginalDst": frozenset(),
+    "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector": frozenset(),
+    "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector": frozenset(),
+    "envoy.config.cluster.v3.Cluster": frozenset({
+        "name", "type", "lb_policy", "connect_timeout", "load_assignment",
+        "upstream_bind_config", "circuit_breakers", "alt_stat_name", "eds_cluster_config",
+        "cleanup_interval", "dns_refresh_rate", "dns_lookup_family"}),
+    "envoy.config.cluster.v3.Cluster.EdsClusterConfig": frozenset({"service_name"}),
+    "envoy.config.core.v3.BindConfig": frozenset({"source_address", "extra_source_addresses"}),
+    "envoy.config.core.v3.ExtraSourceAddress": frozenset({"address"}),
+    "envoy.config.cluster.v3.CircuitBreakers": frozenset({"thresholds"}),
+    "envoy.config.cluster.v3.CircuitBreakers.Thresholds": frozenset({
+        "priority", "max_connections", "max_pending_requests", "max_requests", "max_retries",
+        "track_remaining"}),
+    "envoy.config.endpoint.v3.ClusterLoadAssignment": frozenset({"cluster_name",
+                                                                 "endpoints"}),
+    "envoy.config.endpoint.v3.LocalityLbEndpoints": frozenset({
+        "locality", "lb_endpoints", "load_balancing_weight", "priority"}),
+    "envoy.config.core.v3.Locality": frozenset({"region", "zone", "sub_zone"}),
+    "envoy.config.endpoint.v3.LbEndpoint": frozenset({"endpoint", "health_status",
+                                                      "load_balancing_weight"}),
+    "envoy.config.endpoint.v3.Endpoint": frozenset({"address", "hostname"}),
+    "google.protobuf.Duration": ANY_FIELDS,
+    "google.protobuf.UInt32Value": ANY_FIELDS,
+    "google.protobuf.BoolValue": ANY_FIELDS,
+    "google.protobuf.Any": ANY_FIELDS,
+}
+LISTENER_FILTERS: dict[str, ListenerFilterName] = {
+    "envoy.extensions.filters.listener.original_dst.v3.OriginalDst": "original_dst",
+    "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector": "tls_inspector",
+    "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector": "http_inspector",
+}
+NETWORK_FILTERS = {"envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"}
+
+
+def _unpack(any_msg: Message, path: str) -> Message:
+    type_name = any_msg.type_url.split("/")[-1]
+    try:
+        cls = symbol_database.Default().GetSymbol(type_name)
+    except KeyError:
+        raise BadInput(f"unsupported {path}: type {type_name} is not implemented") from None
+    msg: Message = cls()
+    any_msg.Unpack(msg)
+    return msg
+
+
+def check_supported(msg: Message, path: str) -> None:
+    """Refuse any field outside :data:`SUPPORTED`, naming its path."""
+    name = msg.DESCRIPTOR.full_name
+    allowed = SUPPORTED.get(name)
+    if allowed is None:
+        raise BadInput(f"unsupported {path}: {name} is not implemented")
+    if allowed == ANY_FIELDS:
+        if name == "google.protobuf.Any":
+            check_supported(_unpack(msg, path), path)
+        return
+    for field, value in msg.ListFields():
+        where = f"{path}.{field.name}"
+        if field.name not in allowed:
+            raise BadInput(f"unsupported field {where} (Remora does not implement it)")
+        if field.message_type is None:
+            continue
+        if field.is_repeated:
+            if field.message_type.GetOptions().map_entry:
+                continue
+            for i, item in enumerate(value):
+                check_supported(item, f"{where}[{i}]")
+        else:
+            check_supported(value, where)
+
+
+def load_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise BadInput(f"cannot read bootstrap {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        kind = "JSON" if path.endswith(".json") else "YAML"
+        raise BadInput(f"bootstrap {path} is not valid {kind}: {first}") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"bootstrap {path} must be a mapping at the top level")
+    return data
+
+
+def parse_bootstrap(data: dict[str, Any], source: str = "bootstrap") -> bootstrap_pb2.Bootstrap:
+    msg = bootstrap_pb2.Bootstrap()
+    try:
+        json_format.ParseDict(data, msg)
+    except json_format.ParseError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise BadInput(f"{source}: {first}") from None
+    check_supported(msg, "bootstrap")
+    return msg
+
+
+# ------------------------------------------------------------------------------- compile
+
+
+def _addr(msg: Message, path: str) -> SocketAddress:
+    return _sockaddr(msg.socket_address, path)
+
+
+def _sockaddr(sa: Any, path: str) -> SocketAddress:
+    if not sa.address:
+        raise BadInput(f"{path}: socket_address.address is required")
+    if sa.protocol != 0:
+        raise BadInput(f"{path}: only TCP socket addresses are implemented")
+    return SocketAddress(address=sa.address, port=sa.port_value)
+
+
+def _seconds(d: Message) -> float:
+    return float(d.seconds) + float(d.nanos) / 1e9
+
+
+def _nets(ranges: Iterable[Message], path: str) -> tuple[Any, ...]:
+    out = []
+    for r in ranges:
+        plen = r.prefix_len.value if r.HasField("prefix_len") else (
+            128 if ":" in r.address_prefix else 32)
+        try:
+            out.append(ipaddress.ip_network(f"{r.address_prefix}/{plen}",
+                                            strict=False))
+        except ValueError:
+            raise BadInput(f"{path}: bad CIDR {r.address_prefix}/{plen}") from None
+    return tuple(out)
+
+
+_SOURCE_TYPES: dict[int, SourceType] = {0: "ANY", 1: "SAME_IP_OR_LOOPBACK", 2: "EXTERNAL"}
+
+
+def _chain(msg: Message, path: str) -> FilterChain:
+    m = msg.filter_chain_match
+    match = FilterChainMatch(
+        destination_port=m.destination_port.value if m.HasField("destination_port") else None,
+        prefix_ranges=_nets(m.prefix_ranges, path),
+        direct_source_prefix_ranges=_nets(m.direct_source_prefix_ranges, path),
+        source_type=_SOURCE_TYPES[m.source_type],
+        source_prefix_ranges=_nets(m.source_prefix_ranges, path),
+        source_ports=tuple(m.source_ports),
+        server_names=tuple(s.lower() for s in m.server_names),
+        transport_protocol=m.transport_protocol,
+        application_protocols=tuple(m.application_protocols),
+    )
+    filters = []
+    for i, f in enumerate(msg.filters):
+        where = f"{path}.filters[{i}]"
+        if not f.HasField("typed_config"):
+            raise BadInput(f"{where}: typed_config is required")
+        cfg = _unpack(f.typed_config, where)
+        if cfg.DESCRIPTOR.full_name not in NETWORK_FILTERS:
+            raise BadInput(f"unsupported {where}: {cfg.DESCRIPTOR.full_name}")
+        filters.append(NetworkFilter(name=f.name or "envoy.filters.network.tcp_proxy",
+                                     config=_tcp_proxy(cfg, where)))
+    return FilterChain(name=msg.name, match=match, filters=tuple(filters))
+
+
+def _tcp_proxy(msg: Message, path: str) -> TcpProxy:
+    assert isinstance(msg, tcp_proxy_pb2.TcpProxy)
+    weighted = tuple(WeightedCluster(name=c.name, weight=c.weight)
+                     for c in msg.weighted_clusters.clusters)
+    if not msg.cluster and not weighted:
+        raise BadInput(f"{path}: tcp_proxy needs cluster or weighted_clusters")
+    if not msg.stat_prefix:
+        raise BadInput(f"{path}: tcp_proxy.stat_prefix is required")
+    idle = _seconds(msg.idle_timeout) if msg.HasField("idle_timeout") else 3600.0
+    return TcpProxy(stat_prefix=msg.stat_prefix, cluster=msg.cluster, weighted_clusters=weighted,
+                    idle_timeout=idle or None,
+                    max_connect_attempts=msg.max_connect_attempts.value
+                    if msg.HasField("max_connect_attempts") else 1)
+
+
+def _disabled_ports(pred: Message, path: str) -> tuple[frozenset[int], bool]:
+    """Istio's predicates: a port range, an or_match of ranges, or not_match of either."""
+    invert = False
+    if pred.HasField("not_match"):
+        invert = True
+        pred = pred.not_match
+    ranges = []
+    if pred.HasField("destination_port_range"):
+        ranges.append(pred.destination_port_range)
+    elif pred.HasField("or_match"):
+        for rule in pred.or_match.rules:
+            if not rule.HasField("destination_port_range"):
+                raise BadInput(f"unsupported {path}: only destination_port_range predicates")
+            ranges.append(rule.destination_port_range)
+    else:
+        raise BadInput(f"unsupported {path}: only destination_port_range predicates")
+    ports: set[int] = set()
+    for r in ranges:
+        ports.update(range(r.start, r.end))
+    return frozenset(ports), invert
+
+
+def _listener(msg: Message, path: str) -> Listener:
+    name = msg.name
+    if not name:
+        raise BadInput(f"{path}: name is required")
+    lfilters = []
+    for i, lf in enumerate(msg.listener_filters):
+        where = f"{path}.listener_filters[{i}]"
+        if not lf.HasField("typed_config"):
+            raise BadInput(f"{where}: typed_config is required")
+        kind = LISTENER_FILTERS[_unpack(lf.typed_config, where).DESCRIPTOR.full_name]
+        ports, invert = (_disabled_ports(lf.filter_disabled, where)
+                         if lf.HasField("filter_disabled") else (frozenset(), False))
+        lfilters.append(ListenerFilter(name=kind, disabled_ports=ports,
+                                       disabled_invert=invert))
+    def flag(field: str, default: bool) -> bool:
+        return bool(getattr(msg, field).value) if msg.HasField(field) else default
+    timeout = _seconds(msg.listener_filters_timeout) \
+        if msg.HasField("listener_filters_timeout") else 15.0
+    return Listener(
+        name=name,
+        address=_addr(msg.address, f"{path}.address"),
+        additional_addresses=tuple(_addr(a.address, f"{path}.additional_addresses[{i}]")
+                                   for i, a in enumerate(msg.additional_addresses)),
+        bind_to_port=flag("bind_to_port", True),
+        use_original_dst=flag("use_original_dst", False),
+        transparent=flag("transparent", False),
+        traffic_direction=("UNSPECIFIED", "INBOUND", "OUTBOUND")[msg.traffic_direction],
+        listener_filters=tuple(lfilters),
+        listener_filters_timeout=timeout,
+        continue_on_listener_filters_timeout=msg.continue_on_listener_filters_timeout,
+        filter_chains=tuple(_chain(c, f"{path}.filter_chains[{i}]")
+                            for i, c in enumerate(msg.filter_chains)),
+        default_filter_chain=_chain(msg.default_filter_chain, f"{path}.default_filter_chain")
+        if msg.HasField("default_filter_chain") else None,
+    )
+
+
+C = cluster_pb2.Cluster
+_CLUSTER_TYPES: dict[int, ClusterType] = {
+    C.STATIC: "STATIC", C.STRICT_DNS: "STRICT_DNS", C.LOGICAL_DNS: "LOGICAL_DNS",
+    C.EDS: "EDS", C.ORIGINAL_DST: "ORIGINAL_DST"}
+_LB: dict[int, LbPolicy] = {
+    C.ROUND_ROBIN: "ROUND_ROBIN", C.LEAST_REQUEST: "LEAST_REQUEST", C.RANDOM: "RANDOM",
+    C.CLUSTER_PROVIDED: "CLUSTER_PROVIDED"}
+_HEALTH: tuple[HealthStatus, ...] = ("UNKNOWN", "HEALTHY", "UNHEALTHY", "DRAINING", "TIMEOUT", "DEGRADED")
+
+
+def _thresholds(msg: Message) -> Thresholds:
+    def get(field: str, default: int) -> int:
+        return int(getattr(msg, field).value) if msg.HasField(field) else default
+    return Thresholds(max_connections=get("max_connections", 1024),
+                      max_pending_requests=get("max_pending_requests", 1024),
+                      max_requests=get("max_requests", 1024),
+                      max_retries=get("max_retries", 3))
+
+
+def _cluster(msg: cluster_pb2.Cluster, path: str) -> Cluster:
+    if not msg.name:
+        raise BadInput(f"{path}: name is required")
+    ctype = _CLUSTER_TYPES.get(msg.type)
+    if ctype is None or msg.HasField("cluster_type"):
+        raise BadInput(f"unsupported {path}.type: only STATIC, STRICT_DNS, LOGICAL_DNS, EDS "
+                       "and ORIGINAL_DST are implemented")
+    lb = _LB.get(msg.lb_policy)
+    if lb is None:
+        raise BadInput(f"unsupported {path}.lb_policy: "
+                       f"{cluster_pb2.Cluster.LbPolicy.Name(msg.lb_policy)}")
+    if (ctype == "ORIGINAL_DST") != (lb == "CLUSTER_PROVIDED"):
+        raise BadInput(f"{path}: ORIGINAL_DST clusters need lb_policy CLUSTER_PROVIDED "
+                       "(and only they may use it)")
+    endpoints = []
+    for locality in msg.load_assignment.endpoints:
+        loc = Locality(region=locality.locality.region, zone=locality.locality.zone,
+                       sub_zone=locality.locality.sub_zone)
+        for ep in locality.lb_endpoints:
+            endpoints.append(LbEndpoint(
+                address=_addr(ep.endpoint.address, f"{path}.load_assignment"),
+                weight=ep.load_balancing_weight.value if ep.HasField("load_balancing_weight")
+                else 1,
+                health_status=_HEALTH[ep.health_status],
+                locality=loc, priority=locality.priority, hostname=ep.endpoint.hostname))
+    if ctype == "ORIGINAL_DST" and endpoints:
+        raise BadInput(f"{path}: an ORIGINAL_DST cluster takes no load_assignment")
+    default, high = Thresholds(), Thresholds()
+    for t in msg.circuit_breakers.thresholds:
+        if t.priority == 0:
+            default = _thresholds(t)
+        else:
+            high = _thresholds(t)
+    bind = msg.upstream_bind_config
+    return Cluster(
+        name=msg.name, type=ctype,
+        lb_policy=lb,
+        connect_timeout=_seconds(msg.connect_timeout) if msg.HasField("connect_timeout")
+        else 5.0,
+        endpoints=tuple(endpoints),
+        upstream_bind_source=_sockaddr(bind.source_address, f"{path}.upstream_bind_config")
+        if bind.HasField("source_address") else None,
+        extra_bind_sources=tuple(_addr(e.address, f"{path}.upstream_bind_config")
+                                 for e in bind.extra_source_addresses),
+        default_thresholds=default, high_thresholds=high,
+        alt_stat_name=msg.alt_stat_name,
+        eds_service_name=msg.eds_cluster_config.service_name,
+        cleanup_interval=_seconds(msg.cleanup_interval) if msg.HasField("cleanup_interval")
+        else 5.0,
+        dns_refresh_rate=_seconds(msg.dns_refresh_rate) if msg.HasField("dns_refresh_rate")
+        else 5.0,
+    )
+
+
+def _check_references(listeners: Iterable[Listener], clusters: dict[str, Cluster]) -> None:
+    for li in listeners:
+        for chain in (*li.filter_chains, *([li.default_filter_chain]
+                                           if li.default_filter_chain else [])):
+            tp = chain.tcp_proxy
+            if tp is None:
+                continue
+            for name in [tp.cluster] if tp.cluster else [w.name for w in tp.weighted_clusters]:
+                if name not in clusters:
+                    raise BadInput(f"listener {li.name}: tcp_proxy cluster {name!r} is not "
+                                   "defined")
+
+
+def compile_bootstrap(msg: bootstrap_pb2.Bootstrap) -> Snapshot:
+    listeners = tuple(_listener(li, f"static_resources.listeners[{i}]")
+                      for i, li in enumerate(msg.static_resources.listeners))
+    names = [li.name for li in listeners]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise BadInput(f"duplicate listener name {sorted(dup)[0]!r}")
+    clusters: dict[str, Cluster] = {}
+    for i, c in enumerate(msg.static_resources.clusters):
+        cluster = _cluster(c, f"static_resources.clusters[{i}]")
+        if cluster.name in clusters:
+            raise BadInput(f"duplicate cluster name {cluster.name!r}")
+        clusters[cluster.name] = cluster
+    _check_references(listeners, clusters)
+    admin = Admin(address=_addr(msg.admin.address, "admin.address")) \
+        if msg.admin.HasField("address") else Admin()
+    as_json = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    return Snapshot(
+        listeners=listeners, clusters=clusters, admin=admin,
+        node=Node(id=msg.node.id, cluster=msg.node.cluster,
+                  metadata=json_format.MessageToDict(msg.node.metadata)),
+        bootstrap_json=as_json,
+        listener_json={li.name: json_format.MessageToDict(li, preserving_proto_field_name=True)
+                       for li in msg.static_resources.listeners},
+        cluster_json={c.name: json_format.MessageToDict(c, preserving_proto_field_name=True)
+                      for c in msg.static_resources.clusters},
+    )
+
+
+def load_bootstrap(path: str) -> Snapshot:
+    """Read, parse, check and compile a bootstrap file."""
+    return compile_bootstrap(parse_bootstrap(load_file(path), source=path))
+
+

@@ -1,0 +1,260 @@
+"""The proxy's own runtime configuration: immutable, compiled from Envoy protos.
+
+Owns: the frozen dataclasses every part of `remora proxy` reads (listeners, filter chains and
+their matches, network filters, clusters, endpoints, circuit breakers) and the snapshot that
+groups them. A new snapshot replaces the old one whole (one attribute swap), so a connection
+always sees one consistent config.
+Must not: import protobuf types (they stay in :mod:`remora.proxy.bootstrap`) or do IO.
+
+Names and defaults are Envoy's (``envoy/config/listener/v3``, ``envoy/config/cluster/v3``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Envoy's defaults.
+DEFAULT_CONNECT_TIMEOUT = 5.0                    # cluster.connect_timeout
+DEFAULT_TCP_IDLE_TIMEOUT = 3600.0                # tcp_proxy.idle_timeout (1 h)
+DEFAULT_LISTENER_FILTERS_TIMEOUT = 15.0          # listener.listener_filters_timeout
+DEFAULT_ORIGINAL_DST_CLEANUP = 5.0               # cluster.cleanup_interval
+UINT32_MAX = 4294967295
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SocketAddress:
+    """``socket_address {address, port_value}``; ``ip`` is parsed when the address is an IP."""
+
+    address: str
+    port: int
+
+    @property
+    def ip(self) -> IPAddress | None:
+        try:
+            return ipaddress.ip_address(self.address)
+        except ValueError:
+            return None
+
+    @property
+    def family(self) -> int:
+        ip = self.ip
+        return ip.version if ip is not None else 4
+
+    @property
+    def is_wildcard(self) -> bool:
+        return self.address in ("0.0.0.0", "::")
+
+    def __str__(self) -> str:
+        """Envoy's rendering: ``ip:port`` or ``[ipv6]:port``."""
+        if ":" in self.address:
+            return f"[{self.address}]:{self.port}"
+        return f"{self.address}:{self.port}"
+
+    def sockaddr(self) -> tuple[str, int]:
+        return (self.address, self.port)
+
+
+SourceType = Literal["ANY", "SAME_IP_OR_LOOPBACK", "EXTERNAL"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FilterChainMatch:
+    """``FilterChainMatch``: every field empty means "matches anything" at its level."""
+
+    destination_port: int | None = None
+    prefix_ranges: tuple[IPNetwork, ...] = ()
+    direct_source_prefix_ranges: tuple[IPNetwork, ...] = ()
+    source_type: SourceType = "ANY"
+    source_prefix_ranges: tuple[IPNetwork, ...] = ()
+    source_ports: tuple[int, ...] = ()
+    server_names: tuple[str, ...] = ()
+    transport_protocol: str = ""
+    application_protocols: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WeightedCluster:
+    name: str
+    weight: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TcpProxy:
+    """``envoy.filters.network.tcp_proxy``: to one cluster or weighted clusters."""
+
+    stat_prefix: str
+    cluster: str = ""
+    weighted_clusters: tuple[WeightedCluster, ...] = ()
+    idle_timeout: float | None = DEFAULT_TCP_IDLE_TIMEOUT   # None or 0: disabled
+    max_connect_attempts: int = 1
+
+
+NetworkFilterConfig = TcpProxy
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NetworkFilter:
+    name: str                       # e.g. "envoy.filters.network.tcp_proxy"
+    config: NetworkFilterConfig
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FilterChain:
+    name: str = ""
+    match: FilterChainMatch = field(default_factory=FilterChainMatch)
+    filters: tuple[NetworkFilter, ...] = ()
+
+    @property
+    def tcp_proxy(self) -> TcpProxy | None:
+        for f in self.filters:
+            if isinstance(f.config, TcpProxy):
+                return f.config
+        return None
+
+
+ListenerFilterName = Literal["original_dst", "tls_inspector", "http_inspector"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListenerFilter:
+    """A listener filter; ``disabled_ports`` is Istio's ``filter_disabled`` port predicate
+    (a destination port in it skips this filter), ``disabled_invert`` flips it."""
+
+    name: ListenerFilterName
+    disabled_ports: frozenset[int] = frozenset()
+    disabled_invert: bool = False
+
+    def enabled_for(self, port: int) -> bool:
+        hit = port in self.disabled_ports
+        return hit if self.disabled_invert else not hit
+
+
+TrafficDirection = Literal["UNSPECIFIED", "INBOUND", "OUTBOUND"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Listener:
+    name: str
+    address: SocketAddress
+    additional_addresses: tuple[SocketAddress, ...] = ()
+    bind_to_port: bool = True
+    use_original_dst: bool = False
+    transparent: bool = False
+    traffic_direction: TrafficDirection = "UNSPECIFIED"
+    listener_filters: tuple[ListenerFilter, ...] = ()
+    listener_filters_timeout: float = DEFAULT_LISTENER_FILTERS_TIMEOUT   # 0: no timeout
+    continue_on_listener_filters_timeout: bool = False
+    filter_chains: tuple[FilterChain, ...] = ()
+    default_filter_chain: FilterChain | None = None
+
+    @property
+    def addresses(self) -> tuple[SocketAddress, ...]:
+        return (self.address, *self.additional_addresses)
+
+    def effective_listener_filters(self) -> tuple[ListenerFilter, ...]:
+        """``use_original_dst`` implicitly prepends the original_dst filter (Envoy
+        ``ListenerImpl::buildOriginalDstListenerFilter``)."""
+        if self.use_original_dst and not any(f.name == "original_dst"
+                                             for f in self.listener_filters):
+            return (ListenerFilter(name="original_dst"), *self.listener_filters)
+        return self.listener_filters
+
+
+ClusterType = Literal["STATIC", "STRICT_DNS", "LOGICAL_DNS", "EDS", "ORIGINAL_DST"]
+LbPolicy = Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "CLUSTER_PROVIDED"]
+HealthStatus = Literal["UNKNOWN", "HEALTHY", "UNHEALTHY", "DRAINING", "TIMEOUT", "DEGRADED"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Locality:
+    region: str = ""
+    zone: str = ""
+    sub_zone: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LbEndpoint:
+    address: SocketAddress
+    weight: int = 1
+    health_status: HealthStatus = "UNKNOWN"
+    locality: Locality = field(default_factory=Locality)
+    priority: int = 0
+    hostname: str = ""
+
+    @property
+    def healthy(self) -> bool:
+        return self.health_status in ("UNKNOWN", "HEALTHY", "DEGRADED")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Thresholds:
+    """One priority's circuit breaker limits (Envoy defaults 1024/1024/1024/3)."""
+
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 1024
+    max_retries: int = 3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cluster:
+    name: str
+    type: ClusterType = "STATIC"
+    lb_policy: LbPolicy = "ROUND_ROBIN"
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    endpoints: tuple[LbEndpoint, ...] = ()
+    upstream_bind_source: SocketAddress | None = None          # upstream_bind_config
+    extra_bind_sources: tuple[SocketAddress, ...] = ()         # one per other IP family
+    default_thresholds: Thresholds = field(default_factory=Thresholds)
+    high_thresholds: Thresholds = field(default_factory=Thresholds)
+    alt_stat_name: str = ""
+    eds_service_name: str = ""
+    cleanup_interval: float = DEFAULT_ORIGINAL_DST_CLEANUP
+    dns_refresh_rate: float = 5.0
+    added_via_api: bool = False
+
+    @property
+    def observability_name(self) -> str:
+        return self.alt_stat_name or self.name
+
+    def bind_source_for(self, family: int) -> SocketAddress | None:
+        for src in (self.upstream_bind_source, *self.extra_bind_sources):
+            if src is not None and src.family == family:
+                return src
+        return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Admin:
+    address: SocketAddress = field(default_factory=lambda: SocketAddress(address="127.0.0.1",
+                                                                         port=15000))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Node:
+    id: str = ""
+    cluster: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Snapshot:
+    """One whole configuration. ``bootstrap_json`` is the bootstrap as proto-JSON, for
+    ``/config_dump``; ``listener_json``/``cluster_json`` likewise per resource name."""
+
+    listeners: tuple[Listener, ...]
+    clusters: dict[str, Cluster]
+    admin: Admin = field(default_factory=Admin)
+    node: Node = field(default_factory=Node)
+    version_info: str = ""
+    bootstrap_json: dict[str, Any] = field(default_factory=dict)
+    listener_json: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cluster_json: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def listener(self, name: str) -> Listener | None:
+        return next((li for li in self.listeners if li.name == name), None)
