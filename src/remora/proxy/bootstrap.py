@@ -327,7 +327,8 @@ _CLUSTER_TYPES: dict[int, ClusterType] = {
 _LB: dict[int, LbPolicy] = {
     C.ROUND_ROBIN: "ROUND_ROBIN", C.LEAST_REQUEST: "LEAST_REQUEST", C.RANDOM: "RANDOM",
     C.CLUSTER_PROVIDED: "CLUSTER_PROVIDED"}
-_HEALTH: tuple[HealthStatus, ...] = ("UNKNOWN", "HEALTHY", "UNHEALTHY", "DRAINING", "TIMEOUT", "DEGRADED")
+_HEALTH: tuple[HealthStatus, ...] = (
+    "UNKNOWN", "HEALTHY", "UNHEALTHY", "DRAINING", "TIMEOUT", "DEGRADED")
 
 
 def _thresholds(msg: Message) -> Thresholds:
