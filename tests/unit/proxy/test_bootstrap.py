@@ -1,0 +1,110 @@
+"""Bootstrap loading: the real Envoy protos, unsupported fields refused by path."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from remora.errors import BadInput
+from remora.proxy.bootstrap import compile_bootstrap, load_bootstrap, parse_bootstrap
+
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "sidecar-bootstrap.yaml"
+
+
+def base() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    return data
+
+
+def test_example_compiles_with_envoy_defaults() -> None:
+    snap = load_bootstrap(str(EXAMPLE))
+    assert [li.name for li in snap.listeners] == ["virtualOutbound", "virtualInbound",
+                                                  "10.100.0.7_8080"]
+    vo = snap.listeners[0]
+    assert vo.use_original_dst and vo.bind_to_port and vo.listener_filters_timeout == 15.0
+    assert [f.name for f in vo.effective_listener_filters()] == ["original_dst"]
+    svc = snap.listeners[2]
+    assert not svc.bind_to_port
+    tp = svc.filter_chains[0].tcp_proxy
+    assert tp is not None and tp.idle_timeout == 3600.0
+    c = snap.clusters["outbound|8080||svc.default.svc.cluster.local"]
+    assert (c.type, c.lb_policy, c.connect_timeout, len(c.endpoints)) == (
+        "EDS", "LEAST_REQUEST", 10.0, 2)
+    assert c.default_thresholds.max_connections == 4294967295
+    assert c.high_thresholds.max_connections == 1024 and c.high_thresholds.max_retries == 3
+    assert c.observability_name.endswith(";")
+    inbound = snap.clusters["inbound|8080||"]
+    assert inbound.bind_source_for(4) is not None and str(inbound.bind_source_for(4)) == \
+        "127.0.0.6:0"
+    assert snap.clusters["BlackHoleCluster"].endpoints == ()
+    assert snap.bootstrap_json["node"]["id"].startswith("sidecar~10.0.0.2")
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (lambda d: d.__setitem__("stats_flush_interval", "5s"),
+     "unsupported field bootstrap.stats_flush_interval"),
+    (lambda d: d["static_resources"]["listeners"][0].__setitem__(
+        "per_connection_buffer_limit_bytes", 1024),
+     "unsupported field bootstrap.static_resources.listeners[0].per_connection_buffer_limit_bytes"),
+    (lambda d: d["static_resources"]["clusters"][0].__setitem__(
+        "outlier_detection", {"consecutive_5xx": 3}),
+     "static_resources.clusters[0].outlier_detection"),
+    (lambda d: d["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+     ["typed_config"].__setitem__("access_log", []), None),  # empty repeated: not set
+    (lambda d: d["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+     ["typed_config"].__setitem__("hash_policy", [{"source_ip": {}}]),
+     "filter_chains[0].filters[0].typed_config.hash_policy"),
+    (lambda d: d["static_resources"]["listeners"][0].__setitem__("bogus", 1),
+     "bogus"),
+])
+def test_unsupported_fields_are_refused_by_path(edit: Any, needle: str | None) -> None:
+    data = copy.deepcopy(base())
+    edit(data)
+    if needle is None:
+        compile_bootstrap(parse_bootstrap(data))
+        return
+    with pytest.raises(BadInput) as err:
+        compile_bootstrap(parse_bootstrap(data))
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unsupported_filter_type_is_named() -> None:
+    data = base()
+    data["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"] = {"@type": "type.googleapis.com/envoy.extensions.filters.network."
+                           "echo.v3.Echo"}
+    with pytest.raises(BadInput, match="echo"):
+        compile_bootstrap(parse_bootstrap(data))
+
+
+def test_semantic_errors() -> None:
+    data = base()
+    data["static_resources"]["listeners"][2]["filter_chains"][0]["filters"][0][
+        "typed_config"]["cluster"] = "nope"
+    with pytest.raises(BadInput, match="cluster 'nope' is not defined"):
+        compile_bootstrap(parse_bootstrap(data))
+    data = base()
+    data["static_resources"]["clusters"][3]["lb_policy"] = "ROUND_ROBIN"
+    with pytest.raises(BadInput, match="CLUSTER_PROVIDED"):
+        compile_bootstrap(parse_bootstrap(data))
+
+
+def test_malformed_files(tmp_path: Path) -> None:
+    bad = tmp_path / "b.yaml"
+    bad.write_text("static_resources: [unclosed\n")
+    with pytest.raises(BadInput, match="not valid YAML"):
+        load_bootstrap(str(bad))
+    bad.write_text("- a list\n")
+    with pytest.raises(BadInput, match="mapping"):
+        load_bootstrap(str(bad))
+    with pytest.raises(BadInput, match="cannot read"):
+        load_bootstrap(str(tmp_path / "missing.yaml"))
+    js = tmp_path / "b.json"
+    js.write_text('{"static_resources": {"listeners": [{"name": 5}]}}')
+    with pytest.raises(BadInput):
+        load_bootstrap(str(js))
