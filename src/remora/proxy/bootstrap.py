@@ -33,6 +33,7 @@ from remora.proxy.model import (
     Admin,
     Cluster,
     ClusterType,
+    DnsLookupFamily,
     FilterChain,
     FilterChainMatch,
     HealthStatus,
@@ -327,6 +328,9 @@ _CLUSTER_TYPES: dict[int, ClusterType] = {
 _LB: dict[int, LbPolicy] = {
     C.ROUND_ROBIN: "ROUND_ROBIN", C.LEAST_REQUEST: "LEAST_REQUEST", C.RANDOM: "RANDOM",
     C.CLUSTER_PROVIDED: "CLUSTER_PROVIDED"}
+_DNS_FAMILY: dict[int, DnsLookupFamily] = {
+    C.AUTO: "AUTO", C.V4_ONLY: "V4_ONLY", C.V6_ONLY: "V6_ONLY", C.V4_PREFERRED: "V4_PREFERRED",
+    C.ALL: "ALL"}
 _HEALTH: tuple[HealthStatus, ...] = (
     "UNKNOWN", "HEALTHY", "UNHEALTHY", "DRAINING", "TIMEOUT", "DEGRADED")
 
@@ -391,6 +395,7 @@ def _cluster(msg: cluster_pb2.Cluster, path: str) -> Cluster:
         else 5.0,
         dns_refresh_rate=_seconds(msg.dns_refresh_rate) if msg.HasField("dns_refresh_rate")
         else 5.0,
+        dns_lookup_family=_DNS_FAMILY[msg.dns_lookup_family],
     )
 
 

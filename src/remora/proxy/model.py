@@ -167,6 +167,7 @@ class Listener:
 
 ClusterType = Literal["STATIC", "STRICT_DNS", "LOGICAL_DNS", "EDS", "ORIGINAL_DST"]
 LbPolicy = Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "CLUSTER_PROVIDED"]
+DnsLookupFamily = Literal["AUTO", "V4_ONLY", "V6_ONLY", "V4_PREFERRED", "ALL"]
 HealthStatus = Literal["UNKNOWN", "HEALTHY", "UNHEALTHY", "DRAINING", "TIMEOUT", "DEGRADED"]
 
 
@@ -216,6 +217,7 @@ class Cluster:
     eds_service_name: str = ""
     cleanup_interval: float = DEFAULT_ORIGINAL_DST_CLEANUP
     dns_refresh_rate: float = 5.0
+    dns_lookup_family: DnsLookupFamily = "AUTO"
     added_via_api: bool = False
 
     @property
