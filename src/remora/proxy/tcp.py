@@ -1,0 +1,372 @@
+"""The ``envoy.filters.network.tcp_proxy`` network filter: one downstream connection relayed
+to one upstream connection.
+
+Owns: choosing the cluster (``cluster`` or ``weighted_clusters`` by weight), getting a host
+and a connection from :mod:`remora.proxy.upstream` (up to ``max_connect_attempts``), relaying
+bytes both ways with flow control (a side's reading pauses while the other side's write buffer
+is above the high watermark and resumes below the low one, so a slow reader never makes the
+proxy buffer more than about one watermark per direction), half-close (EOF from one side is a
+``shutdown(SHUT_WR)`` towards the other; the other direction stays open until it ends too),
+``idle_timeout``, closing one side when the other closes or resets, byte counters, Envoy's
+``tcp.<stat_prefix>.…`` stats, and the connection's response flags (``UH``, ``UF``, ``UO``,
+``URX``, ``NC``) for the log.
+Must not: accept connections, run listener filters or match filter chains (that is
+:mod:`remora.proxy.server`), or open sockets itself (upstream connections come from
+:mod:`remora.proxy.upstream`; the downstream socket is handed in).
+
+References: Envoy ``tcp_proxy.proto`` and tcp_proxy docs (stats, ``max_connect_attempts``,
+``idle_timeout`` default 1 h); spec §10.1 for the flags; Envoy's default
+``per_connection_buffer_limit_bytes`` (1 MiB) for the watermarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import cast
+
+from remora.proxy.lb import pick_weighted
+from remora.proxy.model import SocketAddress, TcpProxy
+from remora.proxy.stats import TCP_STATS, Stats
+from remora.proxy.upstream import Host, UpstreamCluster, UpstreamError
+
+log = logging.getLogger(__name__)
+
+HIGH_WATERMARK = 1 << 20          # Envoy per_connection_buffer_limit_bytes default
+LOW_WATERMARK = HIGH_WATERMARK // 2
+
+# Envoy's core response flags in the order they are printed (spec §10.1).
+FLAG_ORDER = ("LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX",
+              "RLSE", "DC", "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC",
+              "OM", "DF")
+
+
+def format_flags(flags: set[str] | frozenset[str]) -> str:
+    """``%RESPONSE_FLAGS%``: the flags joined by ``,`` in Envoy's order; ``-`` if none."""
+    if not flags:
+        return "-"
+    return ",".join(f for f in FLAG_ORDER if f in flags)
+
+
+@dataclass(slots=True)
+class ConnectionRecord:
+    """What happened to one downstream connection (for the access log and tests)."""
+
+    cid: int
+    downstream_remote: SocketAddress | None = None
+    downstream_local: SocketAddress | None = None
+    listener: str = ""
+    filter_chain: str = ""
+    cluster: str = ""
+    upstream_host: SocketAddress | None = None
+    upstream_local: SocketAddress | None = None
+    flags: set[str] = field(default_factory=set)
+    details: str = ""
+    bytes_received: int = 0   # from downstream
+    bytes_sent: int = 0       # to downstream
+    start: float = 0.0
+    duration: float = 0.0
+
+    def log_line(self) -> str:
+        def a(x: SocketAddress | None) -> str:
+            return "-" if x is None else str(x)
+        return (f'[C{self.cid}] "- - -" 0 {format_flags(self.flags)} {self.details or "-"} '
+                f'{self.bytes_received} {self.bytes_sent} {int(self.duration * 1000)} '
+                f'"{a(self.upstream_host)}" {self.cluster or "-"} {a(self.upstream_local)} '
+                f'{a(self.downstream_local)} {a(self.downstream_remote)} '
+                f'listener={self.listener} chain={self.filter_chain or "-"}')
+
+
+class TcpProxyFilter:
+    """One configured tcp_proxy (per filter chain, per worker)."""
+
+    def __init__(self, config: TcpProxy, clusters: Mapping[str, UpstreamCluster], stats: Stats,
+                 rng: random.Random) -> None:
+        self.config = config
+        self.clusters = clusters
+        self.stats = stats
+        self.rng = rng
+        scope = f"tcp.{config.stat_prefix}."
+        self.s = {name: scope + name for name, _ in TCP_STATS}
+        for name, kind in TCP_STATS:
+            stats.declare(scope + name, kind)
+        self._weights = [w.weight for w in config.weighted_clusters]
+
+    def choose_cluster(self) -> UpstreamCluster | None:
+        if self.config.cluster:
+            return self.clusters.get(self.config.cluster)
+        i = pick_weighted(self._weights, self.rng)
+        if i is None:
+            return None
+        return self.clusters.get(self.config.weighted_clusters[i].name)
+
+    async def handle(self, sock: socket.socket, record: ConnectionRecord, *,
+                     restored: SocketAddress | None, initial: bytes = b"") -> None:
+        """Proxy ``sock`` (already accepted; its first ``initial`` bytes were read by the
+        listener filters) until both sides are closed. Closes ``sock`` in every case."""
+        st, s = self.stats, self.s
+        st.inc(s["downstream_cx_total"])
+        cluster = self.choose_cluster()
+        if cluster is None:
+            st.inc(s["downstream_cx_no_route"])
+            record.flags.add("NC")
+            sock.close()
+            return
+        record.cluster = cluster.name
+        session = _Session(self, cluster, record)
+        attempts = 0
+        upstream: asyncio.Transport | None = None
+        while upstream is None:
+            host = cluster.pick(restored)
+            if host is None:
+                st.inc(cluster.stat("upstream_cx_none_healthy"))
+                record.flags.add("UH")
+                record.details = "no_healthy_upstream"
+                sock.close()
+                return
+            record.upstream_host = host.address
+            attempts += 1
+            try:
+                upstream, _ = await cluster.connect(host, session.upstream_protocol)
+            except UpstreamError as exc:
+                record.flags.add(exc.flag)
+                record.details = exc.detail
+                if exc.flag == "UF" and attempts < self.config.max_connect_attempts:
+                    continue
+                if exc.flag == "UF":
+                    st.inc(cluster.stat("upstream_cx_connect_attempts_exceeded"))
+                    record.flags.add("URX")
+                sock.close()
+                return
+            except BaseException:
+                sock.close()
+                raise
+            session.host = host
+        record.flags.discard("UF")  # a retry succeeded: not a failure of this connection
+        record.details = ""
+        await session.run(sock, initial)
+
+
+class _Half(asyncio.Protocol):
+    """One side's protocol; ``peer`` is the other side."""
+
+    __slots__ = ("lost", "paused", "peer", "read_eof", "rx", "session", "transport")
+
+    transport: asyncio.Transport
+    peer: _Half
+
+    def __init__(self, session: _Session) -> None:
+        self.session = session
+        self.read_eof = False
+        self.lost = False
+        self.paused = False
+        self.rx = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not derive from asyncio.Transport; they implement it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=HIGH_WATERMARK, low=LOW_WATERMARK)
+
+    def data_received(self, data: bytes) -> None:
+        self.peer.transport.write(data)
+        n = len(data)
+        self.rx += n
+        self._count(n)
+        self.session.last_io = self.session.loop.time()
+
+    def _count(self, n: int) -> None:
+        raise NotImplementedError
+
+    def eof_received(self) -> bool:
+        if self.read_eof:
+            return True
+        self.read_eof = True
+        peer = self.peer
+        if not peer.lost and not peer.transport.is_closing():
+            peer.transport.write_eof()
+        if peer.read_eof:
+            self.session.close_both(last=self)
+        return True  # keep our write direction open until the peer's EOF
+
+    def pause_writing(self) -> None:
+        # our write buffer is full: stop reading from the other side
+        peer = self.peer
+        if not peer.read_eof and not peer.lost and not peer.transport.is_closing():
+            peer.paused = True
+            peer.transport.pause_reading()
+            self._paused_peer(True)
+
+    def resume_writing(self) -> None:
+        peer = self.peer
+        if peer.paused:
+            peer.paused = False
+            if not peer.read_eof and not peer.lost and not peer.transport.is_closing():
+                peer.transport.resume_reading()
+                self._paused_peer(False)
+
+    def _paused_peer(self, paused: bool) -> None:
+        raise NotImplementedError
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.session.half_lost(self, exc)
+
+
+class _Downstream(_Half):
+    __slots__ = ()
+
+    def _count(self, n: int) -> None:
+        c = self.session.counters
+        names = self.session.down_names
+        c[names[0]] = c.get(names[0], 0) + n     # tcp downstream_cx_rx_bytes_total
+        c[names[1]] = c.get(names[1], 0) + n     # cluster upstream_cx_tx_bytes_total
+
+    def _paused_peer(self, paused: bool) -> None:
+        # downstream's write buffer is full → upstream reading paused/resumed
+        sess = self.session
+        sess.filter.stats.inc(sess.cluster.stat(
+            "upstream_flow_control_paused_reading_total" if paused
+            else "upstream_flow_control_resumed_reading_total"))
+
+
+class _Upstream(_Half):
+    __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # No reading until the downstream side exists (server-first protocols).
+        self.paused = True
+        self.transport.pause_reading()
+
+    def _count(self, n: int) -> None:
+        c = self.session.counters
+        names = self.session.up_names
+        c[names[0]] = c.get(names[0], 0) + n     # cluster upstream_cx_rx_bytes_total
+        c[names[1]] = c.get(names[1], 0) + n     # tcp downstream_cx_tx_bytes_total
+
+    def _paused_peer(self, paused: bool) -> None:
+        # upstream's write buffer is full → downstream reading paused/resumed
+        s = self.session.filter.s
+        self.session.filter.stats.inc(
+            s["downstream_flow_control_paused_reading_total"] if paused
+            else s["downstream_flow_control_resumed_reading_total"])
+
+
+class _Session:
+    """The relay of one connection pair."""
+
+    def __init__(self, flt: TcpProxyFilter, cluster: UpstreamCluster,
+                 record: ConnectionRecord) -> None:
+        self.filter = flt
+        self.cluster = cluster
+        self.record = record
+        self.loop = asyncio.get_running_loop()
+        self.counters = flt.stats.counters
+        self.down_names = (flt.s["downstream_cx_rx_bytes_total"],
+                           cluster.stat("upstream_cx_tx_bytes_total"))
+        self.up_names = (cluster.stat("upstream_cx_rx_bytes_total"),
+                         flt.s["downstream_cx_tx_bytes_total"])
+        self.down = _Downstream(self)
+        self.up = _Upstream(self)
+        self.down.peer, self.up.peer = self.up, self.down
+        self.host: Host | None = None
+        self.last_io = self.loop.time()
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self.upstream_closed_locally = False
+        self._idle: asyncio.TimerHandle | None = None
+
+    def upstream_protocol(self) -> _Upstream:
+        return self.up
+
+    def downstream_protocol(self) -> _Downstream:
+        return self.down
+
+    async def run(self, sock: socket.socket, initial: bytes) -> None:
+        try:
+            try:
+                await self.loop.connect_accepted_socket(self.downstream_protocol, sock)
+            except OSError:
+                sock.close()
+                self.up.transport.abort()
+                self.upstream_closed_locally = True
+                raise
+            with contextlib.suppress(OSError, AttributeError, TypeError):
+                local = self.up.transport.get_extra_info("sockname")
+                if local:
+                    self.record.upstream_local = SocketAddress(address=str(local[0]),
+                                                               port=int(local[1]))
+            if initial:
+                self.down.data_received(initial)
+            self.up.paused = False
+            if not self.up.lost and not self.up.transport.is_closing():
+                self.up.transport.resume_reading()
+            idle = self.filter.config.idle_timeout
+            if idle:
+                self._idle = self.loop.call_at(self.last_io + idle, self._check_idle, idle)
+            await asyncio.shield(self.done)
+        except BaseException:
+            # cancelled (drain deadline) or a bug: never leave either side open
+            self.abort()
+            raise
+        finally:
+            if self._idle is not None:
+                self._idle.cancel()
+            self.record.bytes_received = self.down.rx
+            self.record.bytes_sent = self.up.rx
+
+    def _check_idle(self, idle: float) -> None:
+        due = self.last_io + idle
+        if self.loop.time() < due:
+            self._idle = self.loop.call_at(due, self._check_idle, idle)
+            return
+        self._idle = None
+        self.filter.stats.inc(self.filter.s["idle_timeout"])
+        self.record.details = "idle_timeout"
+        log.debug("[C%d] tcp_proxy idle timeout", self.record.cid)
+        self.abort()
+
+    def close_both(self, last: _Half) -> None:
+        """Both directions have ended (``last`` sent the second EOF): close, flushing what is
+        buffered. The upstream connection counts as closed by the remote if its EOF ended
+        the exchange."""
+        if last is self.down:
+            self.upstream_closed_locally = True
+        for half in (self.up, self.down):
+            if not half.lost:
+                half.transport.close()
+
+    def abort(self) -> None:
+        """Close both sides now, dropping buffered bytes (idle timeout, drain deadline)."""
+        for half in (self.up, self.down):
+            if not half.lost and hasattr(half, "transport"):
+                if half is self.up:
+                    self.upstream_closed_locally = True
+                half.transport.abort()
+        if not hasattr(self.down, "transport") and not self.done.done():
+            self._finish()
+
+    def half_lost(self, half: _Half, exc: Exception | None) -> None:
+        peer = half.peer
+        if half is self.up:
+            if exc is not None and not self.upstream_closed_locally:
+                self.record.flags.add("UR")
+            if self.host is not None:
+                self.cluster.disconnected(self.host, local=self.upstream_closed_locally)
+        if not peer.lost and hasattr(peer, "transport"):
+            # Envoy closes the other side with FlushWrite: what it already has still goes out.
+            if peer is self.up:
+                self.upstream_closed_locally = True
+            peer.transport.close()
+        if (half.lost and (peer.lost or not hasattr(peer, "transport"))
+                and not self.done.done()):
+            self._finish()
+
+    def _finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
