@@ -28,6 +28,7 @@ COMMANDS = {
     "iptables": "write the pod's capture rules (Istio: pilot-agent istio-iptables)",
     "trace": "show where a connection goes through the capture rules, and why",
     "demo": "run the capture demo in a throwaway network namespace",
+    "proxy": "run the sidecar proxy from an Envoy bootstrap (Istio: envoy)",
 }
 
 
@@ -129,13 +130,44 @@ def cmd_demo(argv: Sequence[str]) -> int:
     return run_demo()
 
 
+def cmd_proxy(argv: Sequence[str]) -> int:
+    from remora.proxy.app import ProxyOptions, run_proxy
+    from remora.proxy.control import LEVELS, ROOT_LOGGER
+
+    p = _Parser(prog="remora proxy", description="Run the sidecar proxy (Envoy's role) from "
+                "an Envoy v3 bootstrap.")
+    p.add_argument("-c", "--config-path", required=True, metavar="FILE",
+                   help="Envoy v3 bootstrap, YAML or JSON")
+    p.add_argument("--concurrency", type=int, default=1, metavar="N",
+                   help="worker processes sharing the listeners (default 1)")
+    p.add_argument("--uid", type=int, default=1337, help="user to run as after binding")
+    p.add_argument("--gid", type=int, default=1337, help="group to run as after binding")
+    p.add_argument("--drain-time-s", type=float, default=600.0, metavar="SECONDS",
+                   help="how long open connections may finish on shutdown (Envoy: 600)")
+    p.add_argument("-l", "--log-level", default="info", choices=sorted(LEVELS),
+                   type=str.lower)
+    p.add_argument("--base-id", type=int, default=0, help="accepted and ignored (no hot "
+                   "restart)")
+    ns = p.parse_args(list(argv))
+    if ns.concurrency < 1:
+        raise UsageError("remora proxy: --concurrency must be at least 1")
+    if ns.drain_time_s < 0:
+        raise UsageError("remora proxy: --drain-time-s must not be negative")
+    logging.getLogger(ROOT_LOGGER).setLevel(LEVELS[ns.log_level])
+    opts = ProxyOptions(config_path=ns.config_path, concurrency=ns.concurrency, uid=ns.uid,
+                        gid=ns.gid, drain_time_s=ns.drain_time_s, log_level=ns.log_level,
+                        base_id=ns.base_id)
+    return run_proxy(opts)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0 if args else 2
     command, rest = args[0], args[1:]
-    handler = {"iptables": cmd_iptables, "trace": cmd_trace, "demo": cmd_demo}.get(command)
+    handler = {"iptables": cmd_iptables, "trace": cmd_trace, "demo": cmd_demo,
+               "proxy": cmd_proxy}.get(command)
     if handler is None:
         print(f"Error: unknown command {command!r} for \"remora\"", file=sys.stderr)
         return 2
