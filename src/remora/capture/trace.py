@@ -452,6 +452,11 @@ def _verdict(walk: _Walk, state: str, conn: Connection, ctx: Context, p: _Packet
         v.captured, v.redirect_port, v.mode = True, port, "TPROXY"
         mark = rule.target.mark[0] if rule.target and rule.target.mark else p.mark
         v.reason = f"captured inbound by TPROXY to {port}, mark {mark}"
+        if walk.redirect is not None:
+            v.notes.append(f"nat also rewrites the destination to port {walk.redirect[0]} "
+                           f"(`{walk.redirect[1].text}`): the transparent listener accepts "
+                           "it, but its local address shows that port; SO_ORIGINAL_DST still "
+                           f"gives {conn.dport}")
         if ctx.tproxy_routed_marks is not None and mark not in ctx.tproxy_routed_marks:
             v.notes.append(f"no `ip rule fwmark {mark}` routes the marked packet to lo: it "
                            "would not reach the listener")

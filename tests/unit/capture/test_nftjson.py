@@ -224,7 +224,8 @@ def test_other_shapes_targets_and_placement() -> None:
     other = {r.native: r for r in flt.chains["other"]}
     assert other["continue"].target is None
     assert other['iif "lo" accept'].matches == (Match(kind="in", module="meta", iface="lo"),)
-    assert other['oifname "eth0*" drop'].matches == (Match(kind="out", module="meta", iface="eth0+"),)
+    assert other['oifname "eth0*" drop'].matches == (
+        Match(kind="out", module="meta", iface="eth0+"),)
     assert other["meta skuid 0 return"].matches[0].ids == (0, 0)
     # The regular chain is copied into each table kind its table's base chains feed.
     assert "other" in rs.tables[4]["nat"].chains

@@ -150,3 +150,13 @@ def test_drop_policy_and_drop_rule() -> None:
 def test_unparseable_save_text_names_the_line(bad: str) -> None:
     with pytest.raises(BadInput, match=r"iptables-save line \d"):
         ruleset_from_save(bad)
+
+
+def test_tproxy_with_a_nat_redirect_too_is_noted() -> None:
+    # Seen by the kernel-agreement test: -k eth0 adds `-i eth0 -j ISTIO_REDIRECT` in nat
+    # PREROUTING, so an inbound TPROXY'd connection is also DNATed to 15001.
+    rs, ctx = rules("-u 1337 -m TPROXY -b * -i * -k eth0")
+    v = trace(rs, Connection(direction="inbound", src=PEER, dst=POD, dport=8080, iface="eth0"),
+              ctx)  # type: ignore[arg-type]
+    assert (v.captured, v.mode, v.redirect_port) == (True, "TPROXY", 15006)
+    assert any("rewrites the destination to port 15001" in n for n in v.notes)
