@@ -90,7 +90,9 @@ class _Bound:
     listener: Listener
     address: SocketAddress
     sock: socket.socket
-    task: asyncio.Task[None] | None = None
+    loop: asyncio.AbstractEventLoop | None = None   # set while registered for accepting
+    backoff: float = 0.0
+    retry: asyncio.TimerHandle | None = None
 
 
 class _ListenerStats:
@@ -140,6 +142,7 @@ class Worker:
         self.draining = False
         self._drain_timer: asyncio.TimerHandle | None = None
         self._shutdown: asyncio.Future[bool] | None = None
+        self._fatal: asyncio.Future[None] | None = None
         self.started = time.monotonic()
 
     # ------------------------------------------------------------------------ binding
@@ -165,8 +168,7 @@ class Worker:
 
     def close_sockets(self) -> None:
         for b in self._bound:
-            if b.task is not None:
-                b.task.cancel()
+            self._unregister(b)
             b.sock.close()
 
     @property
@@ -178,19 +180,23 @@ class Worker:
 
     async def run(self, ready: Callable[[], None] | None = None) -> None:
         """Warm the clusters, start accepting, call ``ready``; return after a shutdown
-        (:meth:`shutdown`) has finished."""
+        (:meth:`shutdown`) has finished. An accept error outside the policy is raised."""
         loop = asyncio.get_running_loop()
         self._shutdown = loop.create_future()
+        self._fatal = loop.create_future()
         try:
             await start_clusters(self.clusters)
             for b in self._bound:
-                b.task = loop.create_task(self._accept_loop(b),
-                                          name=f"accept {b.listener.name} {b.address}")
+                self._register(b, loop)
             if ready is not None:
                 ready()
-            graceful = await self._shutdown
+            waiters: list[asyncio.Future[Any]] = [self._shutdown, self._fatal]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            graceful = self._shutdown.result() if self._shutdown.done() else False
             self.stop_listeners(inbound_only=False)
             await self._close_connections(self.drain_time if graceful else 0.0)
+            if self._fatal.done():
+                self._fatal.result()
         finally:
             if self._drain_timer is not None:
                 self._drain_timer.cancel()
@@ -213,39 +219,57 @@ class Worker:
         if conns:
             await asyncio.wait(conns, timeout=5.0)
 
-    async def _accept_loop(self, b: _Bound) -> None:
-        loop = asyncio.get_running_loop()
-        lsock = b.sock
-        backoff = 0.0
-        while True:
-            try:
-                conn, _ = await loop.sock_accept(lsock)
-            except OSError as exc:
-                backoff = await self._accept_error(exc, b, backoff)
-                continue
-            backoff = 0.0
-            self._start(conn, b.listener)
-            # Take what else is in the backlog without another trip through the loop.
-            for _ in range(ACCEPT_BATCH):
-                try:
-                    conn, _ = lsock.accept()
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    backoff = await self._accept_error(exc, b, backoff)
-                    break
-                self._start(conn, b.listener)
+    def _register(self, b: _Bound, loop: asyncio.AbstractEventLoop) -> None:
+        b.loop = loop
+        loop.add_reader(b.sock.fileno(), self._accept_ready, b)
 
-    async def _accept_error(self, exc: OSError, b: _Bound, backoff: float) -> float:
+    def _unregister(self, b: _Bound) -> None:
+        """Stop watching the socket (synchronously, before it may be closed)."""
+        if b.retry is not None:
+            b.retry.cancel()
+            b.retry = None
+        if b.loop is not None:
+            if b.sock.fileno() >= 0:
+                b.loop.remove_reader(b.sock.fileno())
+            b.loop = None
+
+    def _accept_ready(self, b: _Bound) -> None:
+        """The listen socket is readable: accept what is in the backlog (up to a batch)."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = b.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._accept_error(exc, b)
+                return
+            b.backoff = 0.0
+            self._start(conn, b.listener)
+
+    def _accept_error(self, exc: OSError, b: _Bound) -> None:
+        """trio's policy: out of resources → log, stop watching, retry after a growing
+        back-off; this connection is gone → skip it; anything else → the worker fails."""
         if exc.errno in ACCEPT_RESOURCE_ERRNOS:
-            backoff = min(max(backoff * 2, 0.01), ACCEPT_BACKOFF_MAX)
+            b.backoff = min(max(b.backoff * 2, 0.01), ACCEPT_BACKOFF_MAX)
             log.warning("listener %s: accept failed (%s); retrying in %.2fs", b.listener.name,
-                        errno.errorcode.get(exc.errno or 0, exc), backoff)
-            await asyncio.sleep(backoff)
-            return backoff
+                        errno.errorcode.get(exc.errno or 0, exc), b.backoff)
+            loop = b.loop
+            if loop is not None:
+                self._unregister(b)
+                b.loop = None
+
+                def again() -> None:
+                    b.retry = None
+                    if b.sock.fileno() >= 0 and b.listener.name not in self._stopped:
+                        self._register(b, loop)
+                b.retry = loop.call_later(b.backoff, again)
+            return
         if exc.errno in ACCEPT_SKIP_ERRNOS:
-            return backoff
-        raise exc
+            return
+        log.error("listener %s: accept failed: %s", b.listener.name, exc)
+        self._unregister(b)
+        if self._fatal is not None and not self._fatal.done():
+            self._fatal.set_exception(exc)
 
     def _start(self, conn: socket.socket, listener: Listener) -> None:
         conn.setblocking(False)
@@ -385,8 +409,7 @@ class Worker:
             self._stopped.add(li.name)
         for b in self._bound:
             if b.listener.name in self._stopped and b.sock.fileno() >= 0:
-                if b.task is not None:
-                    b.task.cancel()
+                self._unregister(b)
                 b.sock.close()
         self._active_listeners = [li for li in self.snapshot.listeners
                                   if li.name not in self._stopped]

@@ -217,6 +217,46 @@ class _Half(asyncio.Protocol):
         self.session.half_lost(self, exc)
 
 
+class _Early:
+    """Stands in for the downstream transport between the upstream connect and the wrapping
+    of the downstream socket: keeps what the upstream sends meanwhile (server-first
+    protocols), pausing the upstream past the high watermark."""
+
+    __slots__ = ("chunks", "closed", "eof", "size", "up")
+
+    def __init__(self, up: _Upstream) -> None:
+        self.up = up
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.eof = False
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+        if self.size > HIGH_WATERMARK and not self.up.paused:
+            self.up.paused = True
+            self.up.transport.pause_reading()
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        """Nothing is read from the downstream before it is wrapped."""
+
+    def resume_reading(self) -> None:
+        """See :meth:`pause_reading`."""
+
+
 class _Downstream(_Half):
     __slots__ = ()
 
@@ -236,12 +276,6 @@ class _Downstream(_Half):
 
 class _Upstream(_Half):
     __slots__ = ()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        # No reading until the downstream side exists (server-first protocols).
-        self.paused = True
-        self.transport.pause_reading()
 
     def _count(self, n: int) -> None:
         c = self.session.counters
@@ -274,6 +308,8 @@ class _Session:
         self.down = _Downstream(self)
         self.up = _Upstream(self)
         self.down.peer, self.up.peer = self.up, self.down
+        self.early = _Early(self.up)
+        self.down.transport = cast(asyncio.Transport, self.early)
         self.host: Host | None = None
         self.last_io = self.loop.time()
         self.done: asyncio.Future[None] = self.loop.create_future()
@@ -287,24 +323,25 @@ class _Session:
         return self.down
 
     async def run(self, sock: socket.socket, initial: bytes) -> None:
+        """Wrap the downstream socket, start relaying, return when both sides are closed."""
         try:
             try:
                 await self.loop.connect_accepted_socket(self.downstream_protocol, sock)
             except OSError:
                 sock.close()
-                self.up.transport.abort()
-                self.upstream_closed_locally = True
+                self.down.lost = True
+                self.abort()
+                if self.up.lost:
+                    self._finish()
                 raise
             with contextlib.suppress(OSError, AttributeError, TypeError):
                 local = self.up.transport.get_extra_info("sockname")
                 if local:
                     self.record.upstream_local = SocketAddress(address=str(local[0]),
                                                                port=int(local[1]))
-            if initial:
+            self._take_over_early()
+            if initial and not self.up.lost and not self.up.transport.is_closing():
                 self.down.data_received(initial)
-            self.up.paused = False
-            if not self.up.lost and not self.up.transport.is_closing():
-                self.up.transport.resume_reading()
             idle = self.filter.config.idle_timeout
             if idle:
                 self._idle = self.loop.call_at(self.last_io + idle, self._check_idle, idle)
@@ -318,6 +355,21 @@ class _Session:
                 self._idle.cancel()
             self.record.bytes_received = self.down.rx
             self.record.bytes_sent = self.up.rx
+
+    def _take_over_early(self) -> None:
+        """The real downstream transport replaces the stand-in: send what it kept."""
+        early, down = self.early, self.down.transport
+        for chunk in early.chunks:
+            down.write(chunk)
+        early.chunks.clear()
+        if early.closed:        # the upstream is already gone
+            down.close()
+            return
+        if early.eof:
+            down.write_eof()
+        if self.up.paused and not self.up.lost:
+            self.up.paused = False
+            self.up.transport.resume_reading()
 
     def _check_idle(self, idle: float) -> None:
         due = self.last_io + idle
@@ -343,12 +395,10 @@ class _Session:
     def abort(self) -> None:
         """Close both sides now, dropping buffered bytes (idle timeout, drain deadline)."""
         for half in (self.up, self.down):
-            if not half.lost and hasattr(half, "transport"):
+            if not half.lost:
                 if half is self.up:
                     self.upstream_closed_locally = True
                 half.transport.abort()
-        if not hasattr(self.down, "transport") and not self.done.done():
-            self._finish()
 
     def half_lost(self, half: _Half, exc: Exception | None) -> None:
         peer = half.peer
@@ -357,16 +407,14 @@ class _Session:
                 self.record.flags.add("UR")
             if self.host is not None:
                 self.cluster.disconnected(self.host, local=self.upstream_closed_locally)
-        if not peer.lost and hasattr(peer, "transport"):
+        if not peer.lost:
             # Envoy closes the other side with FlushWrite: what it already has still goes out.
             if peer is self.up:
                 self.upstream_closed_locally = True
             peer.transport.close()
-        if (half.lost and (peer.lost or not hasattr(peer, "transport"))
-                and not self.done.done()):
+        elif not self.done.done():
             self._finish()
 
     def _finish(self) -> None:
         if not self.done.done():
             self.done.set_result(None)
-
