@@ -26,6 +26,7 @@ References: spec §2.1 (accept pipeline), §2.2 (via :mod:`remora.proxy.dispatch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import itertools
 import logging
@@ -273,6 +274,9 @@ class Worker:
 
     def _start(self, conn: socket.socket, listener: Listener) -> None:
         conn.setblocking(False)
+        # Envoy sets TCP_NODELAY on every connection it accepts or opens.
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         cid = next(self._cid)
         task = asyncio.get_running_loop().create_task(self._serve(conn, listener, cid))
         self._conns.add(task)
