@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import errno
 import random
+import signal
 import socket
 import ssl
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -39,6 +40,15 @@ INSPECTORS = {
                       "HttpInspector",
 }
 LO = "127.0.0.1"
+
+
+@pytest.fixture(autouse=True)
+def _ignore_sigpipe() -> Iterator[None]:
+    """As in `remora proxy` (app.run_proxy): a write to a closed socket is an error, not a
+    signal (cli.main, when run in-process by another test, resets SIGPIPE to die)."""
+    before = signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGPIPE, before)
 
 
 @pytest.fixture(params=sorted(LOOPS))

@@ -35,7 +35,7 @@ import yaml
 from remora import netns
 from remora.capture.probe import ConnectResult, Endpoint, ListenSpec, ProbeServer, connect
 from tests.conftest import require_root
-from tests.netns.conftest import PREFIX, flags, remora_bin, remora_iptables
+from tests.netns.conftest import PREFIX, Mode, flags, remora_bin, remora_iptables
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(120)]
 
@@ -53,8 +53,9 @@ APP_UID = 1000
 
 
 def bootstrap(mode: str = "ALLOW_ANY") -> dict[str, Any]:
-    """examples/sidecar-bootstrap.yaml with this test's endpoints (and REGISTRY_ONLY: the
-    outbound catch-all chain goes to BlackHoleCluster, as Istio configures it)."""
+    """examples/sidecar-bootstrap.yaml with this test's endpoints (REGISTRY_ONLY: the
+    outbound catch-all chain goes to BlackHoleCluster, as Istio configures it; TPROXY: both
+    virtual listeners are transparent, as Istio's TPROXY interception mode makes them)."""
     data: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
     res = data["static_resources"]
     for c in res["clusters"]:
@@ -67,6 +68,10 @@ def bootstrap(mode: str = "ALLOW_ANY") -> dict[str, Any]:
         vo = next(li for li in res["listeners"] if li["name"] == "virtualOutbound")
         catchall = vo["filter_chains"][1]["filters"][0]["typed_config"]
         catchall["stat_prefix"] = catchall["cluster"] = "BlackHoleCluster"
+    if mode == "TPROXY":
+        for li in res["listeners"]:
+            if li["name"] in ("virtualOutbound", "virtualInbound"):
+                li["transparent"] = True
     return data
 
 
@@ -223,8 +228,10 @@ def admin_get(ns: netns.Netns, path: str) -> str:
     return ns.call(get, timeout=15)
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+@contextlib.contextmanager
+def make_env(tmp: Path, mode: Mode = "REDIRECT") -> Iterator[Env]:
+    """Pod and peer namespaces, the capture rules for ``mode``, the app and the peer's
+    servers; all removed on exit."""
     require_root()
     with netns.netns_pair(prefix=PREFIX, a_role="l4pod", b_role="l4peer",
                           a_addresses=[f"{POD}/24"], b_addresses=[f"{PEER}/24"]) as pair:
@@ -232,7 +239,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         for ip in (EP1, EP2, OUTSIDE):
             peer.run(["ip", "addr", "add", f"{ip}/32", "dev", "lo"])
         pod.run(["ip", "route", "add", "10.100.0.0/16", "via", PEER])
-        remora_iptables(pod, *flags("REDIRECT"))
+        remora_iptables(pod, *flags(mode))
         app = ProbeServer.start(pod, [ListenSpec(host=ipaddress.ip_address(POD),
                                                  port=APP_PORT)], label="app", lifetime=900)
         with app:
@@ -245,7 +252,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                     lifetime=900)
                 with outside:
                     yield Env(pair=pair, app=app, endpoints=endpoints, outside=outside,
-                              tmp=tmp_path_factory.mktemp("l4"))
+                              tmp=tmp)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    with make_env(tmp_path_factory.mktemp("l4")) as e:
+        yield e
 
 
 # ------------------------------------------------------------------------------ tests
@@ -436,3 +449,18 @@ def test_bad_bootstrap_is_one_line_and_exit_1(env: Env, tmp_path: Path) -> None:
     proc = env.pod.run([remora_bin(), "proxy", "-c", str(bad)], check=False, timeout=30)
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("Error: "), proc.stderr
+
+
+def test_tproxy_mode_transparent_listeners(tmp_path: Path) -> None:
+    """TPROXY interception: inbound arrives un-NATed on the transparent 15006 listener (the
+    original destination is the socket's own name); outbound is still REDIRECTed to 15001."""
+    with make_env(tmp_path, "TPROXY") as tenv, tenv.proxy("TPROXY"):
+        result = connect(tenv.peer, Endpoint(host=ipaddress.ip_address(POD), port=APP_PORT))
+        assert result.ok and result.reply is not None, result
+        assert result.reply.server == "app"
+        assert str(result.reply.peer.host) == "127.0.0.6"
+        out = tenv.from_app(VIP, APP_PORT)
+        assert out.ok and out.reply is not None and out.reply.server == "endpoint", out
+        stats = tenv.stats()
+        assert stats["cluster.inbound|8080||;.upstream_cx_total"] == 1
+        assert stats[f"cluster.{SVC_CLUSTER};.upstream_cx_total"] == 1
