@@ -32,7 +32,6 @@ import itertools
 import logging
 import random
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,7 +143,6 @@ class Worker:
         self._drain_timer: asyncio.TimerHandle | None = None
         self._shutdown: asyncio.Future[bool] | None = None
         self._fatal: asyncio.Future[None] | None = None
-        self.started = time.monotonic()
 
     # ------------------------------------------------------------------------ binding
 
@@ -451,9 +449,5 @@ class Worker:
 
     @property
     def connection_count(self) -> int:
+        """Connections between accept and close (for drain decisions and tests)."""
         return len(self._conns)
-
-
-def describe(worker: Worker) -> dict[str, Any]:
-    """A short description of what a worker listens on (for the ready log line)."""
-    return {"listeners": [f"{name}={addr}" for name, addr in worker.bound_addresses]}

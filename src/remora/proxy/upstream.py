@@ -324,15 +324,6 @@ class UpstreamCluster:
         self.stats.gauge_add(self._s["upstream_rq_active"], -1)
         self._released(host, local=local)
 
-    def count_bytes(self, rx: int, tx: int) -> None:
-        st = self.stats.counters
-        if rx:
-            name = self._s["upstream_cx_rx_bytes_total"]
-            st[name] = st.get(name, 0) + rx
-        if tx:
-            name = self._s["upstream_cx_tx_bytes_total"]
-            st[name] = st.get(name, 0) + tx
-
     def stat(self, name: str) -> str:
         """The full name of one of this cluster's stats."""
         return self._s[name]
