@@ -155,7 +155,8 @@ class TcpProxyFilter:
 class _Half(asyncio.Protocol):
     """One side's protocol; ``peer`` is the other side."""
 
-    __slots__ = ("lost", "paused", "peer", "read_eof", "rx", "session", "transport")
+    __slots__ = ("lost", "paused", "peer", "read_eof", "rx", "session", "transport",
+                 "write_paused")
 
     transport: asyncio.Transport
     peer: _Half
@@ -164,7 +165,8 @@ class _Half(asyncio.Protocol):
         self.session = session
         self.read_eof = False
         self.lost = False
-        self.paused = False
+        self.paused = False          # our reading is paused (the peer's buffer is full)
+        self.write_paused = False    # our transport's write buffer is above the watermark
         self.rx = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -195,6 +197,7 @@ class _Half(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # our write buffer is full: stop reading from the other side
+        self.write_paused = True
         peer = self.peer
         if not peer.read_eof and not peer.lost and not peer.transport.is_closing():
             peer.paused = True
@@ -202,6 +205,7 @@ class _Half(asyncio.Protocol):
             self._paused_peer(True)
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         peer = self.peer
         if peer.paused:
             peer.paused = False
@@ -258,7 +262,13 @@ class _Early:
 
 
 class _Downstream(_Half):
-    __slots__ = ()
+    __slots__ = ("real",)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Keep the stand-in as `transport` until _take_over_early has flushed what it kept:
+        # upstream bytes, EOF or close arriving before then must queue behind those bytes.
+        self.real = cast(asyncio.Transport, transport)
+        self.real.set_write_buffer_limits(high=HIGH_WATERMARK, low=LOW_WATERMARK)
 
     def _count(self, n: int) -> None:
         c = self.session.counters
@@ -357,8 +367,14 @@ class _Session:
             self.record.bytes_sent = self.up.rx
 
     def _take_over_early(self) -> None:
-        """The real downstream transport replaces the stand-in: send what it kept."""
-        early, down = self.early, self.down.transport
+        """The real downstream transport replaces the stand-in, in one step: send what it
+        kept, then what followed (EOF, close), and resume the upstream only if the
+        downstream's buffer has room."""
+        early = self.early
+        down = self.down.transport = self.down.real
+        if self.down.lost:
+            early.chunks.clear()
+            return
         for chunk in early.chunks:
             down.write(chunk)
         early.chunks.clear()
@@ -367,7 +383,7 @@ class _Session:
             return
         if early.eof:
             down.write_eof()
-        if self.up.paused and not self.up.lost:
+        if self.up.paused and not self.up.lost and not self.down.write_paused:
             self.up.paused = False
             self.up.transport.resume_reading()
 
