@@ -50,6 +50,16 @@ from typing import Literal, NotRequired, TextIO, TypedDict
 
 from remora import netns
 from remora.errors import EnvironmentFault
+from remora.proxy import platform
+from remora.proxy.model import SocketAddress
+from remora.proxy.platform import (
+    IP6T_SO_ORIGINAL_DST,
+    IP_TRANSPARENT,
+    IPV6_TRANSPARENT,
+    SO_ORIGINAL_DST,
+    SOL_IP,
+    SOL_IPV6,
+)
 
 __all__ = [
     "IP6T_SO_ORIGINAL_DST",
@@ -76,18 +86,6 @@ __all__ = [
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-# <linux/in.h>, <linux/netfilter_ipv4.h>, <linux/netfilter_ipv6/ip6_tables.h>, <linux/in6.h>
-SOL_IP = 0
-SOL_IPV6 = 41
-SO_ORIGINAL_DST = 80
-IP6T_SO_ORIGINAL_DST = 80
-IP_TRANSPARENT = 19
-IPV6_TRANSPARENT = 75
-
-_SOCKADDR_IN_LEN = 16
-_SOCKADDR_IN6_LEN = 28
-
 
 # --------------------------------------------------------------------------------------------
 # pure helpers
@@ -139,26 +137,14 @@ def parse_endpoint(text: str) -> Endpoint:
 
 
 def parse_sockaddr(data: bytes) -> Endpoint:
-    """Decode a ``struct sockaddr_in`` (16 bytes) or ``sockaddr_in6`` (28 bytes).
-
-    The family is in host byte order, the port in network byte order (what
-    ``getsockopt(SO_ORIGINAL_DST)`` fills in).
+    """Decode a ``struct sockaddr_in`` (16 bytes) or ``sockaddr_in6`` (28 bytes), as
+    ``getsockopt(SO_ORIGINAL_DST)`` fills it in (see :func:`remora.proxy.platform.parse_sockaddr`).
     """
-    if len(data) < 2:
-        raise ValueError(f"sockaddr too short: {len(data)} bytes")
-    family = int.from_bytes(data[0:2], sys.byteorder)
-    if family == socket.AF_INET:
-        if len(data) < 8:
-            raise ValueError(f"sockaddr_in too short: {len(data)} bytes")
-        port = int.from_bytes(data[2:4], "big")
-        return Endpoint(host=ipaddress.IPv4Address(data[4:8]), port=port)
-    if family == socket.AF_INET6:
-        if len(data) < 24:
-            raise ValueError(f"sockaddr_in6 too short: {len(data)} bytes")
-        port = int.from_bytes(data[2:4], "big")
-        # bytes 4..8 are sin6_flowinfo, 24..28 sin6_scope_id (unused for our addresses)
-        return Endpoint(host=ipaddress.IPv6Address(data[8:24]), port=port)
-    raise ValueError(f"unsupported address family {family}")
+    return _endpoint(platform.parse_sockaddr(data))
+
+
+def _endpoint(addr: SocketAddress) -> Endpoint:
+    return Endpoint(host=ipaddress.ip_address(addr.address), port=addr.port)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -272,21 +258,10 @@ def _sockname(sock: socket.socket) -> Endpoint:
 
 
 def original_dst(sock: socket.socket) -> Endpoint | None:
-    """The pre-NAT destination of an accepted TCP socket, or None if conntrack has none.
-
-    ENOENT means the connection has no conntrack entry (nothing NATed it, or conntrack is not
-    active in this namespace).
-    """
-    try:
-        if sock.family == socket.AF_INET6:
-            raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6_LEN)
-        else:
-            raw = sock.getsockopt(SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN_LEN)
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ENOPROTOOPT):
-            return None
-        raise
-    return parse_sockaddr(raw)
+    """The pre-NAT destination of an accepted TCP socket, or None if conntrack has none
+    (nothing NATed it, or conntrack is not active in this namespace)."""
+    addr = platform.so_original_dst(sock)
+    return None if addr is None else _endpoint(addr)
 
 
 def _open_listener(spec: ListenSpec) -> socket.socket:
