@@ -41,22 +41,38 @@ class ConnectionInfo:
     application_protocols: tuple[str, ...] = ()
 
 
+class HandoffIndex:
+    """Listeners by address, built once per listener set: the hand-off is two dict lookups
+    per connection instead of a scan that parses every listener's address."""
+
+    __slots__ = ("exact", "wildcard")
+
+    def __init__(self, listeners: Sequence[Listener]) -> None:
+        self.exact: dict[tuple[object, int], Listener] = {}
+        self.wildcard: dict[tuple[int, int], Listener] = {}
+        for li in listeners:
+            for addr in li.addresses:
+                ip = addr.ip
+                key = (ip if ip is not None else addr.address, addr.port)
+                self.exact.setdefault(key, li)   # the first listener of an address wins
+                if addr.is_wildcard and ip is not None:
+                    self.wildcard.setdefault((ip.version, addr.port), li)
+
+    def find(self, receiver: Listener, original_dst: SocketAddress) -> Listener | None:
+        """The listener that should take over a connection whose original destination is
+        ``original_dst``, or None to keep it on ``receiver``."""
+        ip = original_dst.ip
+        found = self.exact.get((ip if ip is not None else original_dst.address,
+                                original_dst.port))
+        if found is None and ip is not None:
+            found = self.wildcard.get((ip.version, original_dst.port))
+        return None if found is None or found is receiver else found
+
+
 def find_handoff(listeners: Sequence[Listener], receiver: Listener,
                  original_dst: SocketAddress) -> Listener | None:
-    """The listener that should take over a connection whose original destination is
-    ``original_dst``, or None to keep it on ``receiver``."""
-    exact = wildcard = None
-    ip = original_dst.ip
-    for li in listeners:
-        for addr in li.addresses:
-            if addr.port != original_dst.port:
-                continue
-            if addr.address == original_dst.address or (ip is not None and addr.ip == ip):
-                exact = exact or li
-            elif addr.is_wildcard and ip is not None and addr.family == ip.version:
-                wildcard = wildcard or li
-    found = exact or wildcard
-    return None if found is None or found is receiver else found
+    """:meth:`HandoffIndex.find` for a one-off lookup."""
+    return HandoffIndex(listeners).find(receiver, original_dst)
 
 
 def _by_prefix(chains: list[FilterChain], ranges: Callable[[FilterChainMatch], tuple[

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from remora.proxy import platform
-from remora.proxy.dispatch import ConnectionInfo, find_handoff, select_filter_chain
+from remora.proxy.dispatch import ConnectionInfo, HandoffIndex, select_filter_chain
 from remora.proxy.model import FilterChain, Listener, Snapshot, SocketAddress
 from remora.proxy.sniff import SniffResult, sniff
 from remora.proxy.state import ClusterStatus
@@ -137,6 +137,7 @@ class Worker:
         self._bound: list[_Bound] = []
         self._stopped: set[str] = set()
         self._active_listeners = list(snapshot.listeners)
+        self._handoff = HandoffIndex(self._active_listeners)
         self._conns: set[asyncio.Task[None]] = set()
         self._cid = itertools.count(index + 1, max(1, concurrency))
         self.draining = False
@@ -297,7 +298,7 @@ class Worker:
             if not await self._listener_filters(sock, listener, pending):
                 return
             if listener.use_original_dst and pending.restored:
-                target = find_handoff(self._active_listeners, listener, pending.local)
+                target = self._handoff.find(listener, pending.local)
                 if target is not None:
                     listener = target
                     record.listener = target.name
@@ -415,6 +416,7 @@ class Worker:
                 b.sock.close()
         self._active_listeners = [li for li in self.snapshot.listeners
                                   if li.name not in self._stopped]
+        self._handoff = HandoffIndex(self._active_listeners)
 
     def drain_listeners(self, *, inbound_only: bool, graceful: bool, skip_exit: bool) -> None:
         """Envoy ``/drain_listeners``: stop listeners now, or with ``graceful`` after the drain

@@ -131,3 +131,16 @@ def test_source_type_ip_and_port() -> None:
     assert select_filter_chain(li, info(remote="10.0.0.9")) is src
     assert select_filter_chain(li, info(remote="10.0.0.8", rport=5555)) is port
     assert select_filter_chain(li, info(remote="10.0.0.8", rport=5556)) is None
+
+
+def test_handoff_index_first_listener_of_an_address_wins_and_ipv6_text_is_normalised() -> None:
+    from remora.proxy.dispatch import HandoffIndex
+
+    a = Listener(name="a", address=addr("10.0.0.7", 80), bind_to_port=False)
+    b = Listener(name="b", address=addr("10.0.0.7", 80), bind_to_port=False)
+    v6 = Listener(name="v6", address=addr("fd00:0::7", 80), bind_to_port=False)
+    recv = Listener(name="recv", address=addr("0.0.0.0", 15001), use_original_dst=True)
+    index = HandoffIndex((recv, a, b, v6))
+    assert index.find(recv, addr("10.0.0.7", 80)) is a
+    assert index.find(recv, addr("fd00::7", 80)) is v6
+    assert index.find(recv, addr("10.0.0.8", 80)) is None
