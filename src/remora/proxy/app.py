@@ -16,6 +16,7 @@ unreadable, so :func:`preload` imports everything a running proxy may import laz
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import logging
 import os
@@ -139,6 +140,12 @@ def run_proxy(opts: ProxyOptions) -> int:
     start = admin_starter()
     preload()
     factory = loop_factory()
+    # The config and the imported modules live as long as the process: move them out of the
+    # collector's generations so full collections on the hot path don't rescan them (5.8 ms
+    # per full collection with the Istio-shaped example, found by bench_proxy_l4), and so
+    # forked workers share those pages instead of copying them when the GC touches them.
+    gc.collect()
+    gc.freeze()
     # cli.main sets SIGPIPE to the default (die) for pipelines; a proxy must never die of it.
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     cmdline = command_line_options(opts)
