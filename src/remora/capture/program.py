@@ -21,6 +21,7 @@ from remora.capture.apply import (
     RecordingExecutor,
     SubprocessExecutor,
     detect_xtables,
+    plain_xtables,
     run_iptables,
 )
 from remora.capture.config import CaptureConfig, HostFacts, build_config, parse_flags
@@ -68,15 +69,14 @@ def run(cfg: CaptureConfig, out: TextIO) -> int:
                                    "to change rules; use --dry-run to only print them")
         ex = SubprocessExecutor()
         xt = {4: detect_xtables(ex, 4, cfg.force_iptables_binary)}
-        if cfg.facts.enable_ipv6:
+        try:
             xt[6] = detect_xtables(ex, 6, cfg.force_iptables_binary)
-        else:
-            try:
-                xt[6] = detect_xtables(ex, 6, cfg.force_iptables_binary)
-            except EnvironmentFault as exc:
-                log.warning("ip6tables unavailable (%s); IPv6 is off, continuing", exc)
-                from remora.capture.apply import plain_xtables
-                xt[6] = plain_xtables(6)
+        except EnvironmentFault as exc:
+            if cfg.facts.enable_ipv6:
+                raise
+            # Istio: without IPv6, a missing ip6tables is only a warning.
+            log.warning("ip6tables unavailable (%s); IPv6 is off, continuing", exc)
+            xt[6] = plain_xtables(6)
         outcome = run_iptables(cfg, ex, xtables=xt, netlink=host.configure_routes)
         if outcome.cleaned:
             log.info("removed capture rules (%s)", xt[4].binary)

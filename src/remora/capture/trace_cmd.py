@@ -160,6 +160,8 @@ def build_connection(opts: TraceOptions, src: _Source) -> Connection:
         s_addr = src.pod if src.pod.version == fam else DEFAULT_POD[fam]
     if s_addr.version != fam:
         raise BadInput(f"--src {s_addr} and --dst {dst} are of different IP versions")
+    # Outbound defaults to an app (uid/gid 1000); inbound packets have no local socket, so
+    # only ids the user gives are kept.
     uid = opts.uid if opts.uid is not None else (1000 if opts.direction == "outbound" else None)
     gid = opts.gid if opts.gid is not None else uid
     iface = opts.iface or ""
@@ -172,8 +174,6 @@ def build_connection(opts: TraceOptions, src: _Source) -> Connection:
             assert isinstance(src.live, LiveNamespace)
             iface = src.live.route_iface(dst if opts.direction == "outbound" else s_addr)
         iface = iface or "eth0"
-    if opts.direction == "inbound":
-        uid = gid = None if opts.uid is None and opts.gid is None else uid
     return Connection(direction=opts.direction, proto=opts.proto, src=s_addr, sport=sport,
                       dst=dst, dport=dport, uid=uid, gid=gid, iface=iface)
 
