@@ -13,8 +13,9 @@ Reference: spec ``capture-istio-iptables.md`` §9, §10.3, §10.5 (Istio
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from remora.capture.rules import BUILTIN_CHAINS, BUILTIN_TARGETS, Rule
 
@@ -115,35 +116,69 @@ class SavedTable:
     policies: dict[str, str] = field(default_factory=dict)
 
 
-def parse_save(text: str) -> dict[str, SavedTable]:
-    """Parse ``iptables-save`` text into tables → chains → rules (``-A chain …`` lines).
+SaveLineKind = Literal["table", "chain", "new", "rule", "other"]
 
-    Comments, counters and ``COMMIT`` are skipped; chain declarations (``:NAME POLICY [p:b]``)
-    register a chain even when it has no rules.
-    """
-    tables: dict[str, SavedTable] = {}
-    current: SavedTable | None = None
-    for raw in text.splitlines():
+
+@dataclass(frozen=True, slots=True)
+class SaveLine:
+    """One meaningful line of ``iptables-save`` text, classified."""
+
+    number: int               # 1-based line number
+    kind: SaveLineKind        # *table, :CHAIN POLICY, -N CHAIN, -A CHAIN …, anything else
+    table: str                # the table it belongs to ("" before the first *table)
+    chain: str = ""
+    policy: str = ""          # chain lines: ACCEPT/DROP, or "-" for a user chain
+    text: str = ""            # rule lines: "-A CHAIN …" without counters; other: the line
+
+
+def scan_save(text: str) -> Iterator[SaveLine]:
+    """Classify ``iptables-save`` lines; comments, blank lines and ``COMMIT`` are skipped and
+    ``iptables-save -c`` counters (``[p:b] -A …``) are removed. Callers decide how strict to
+    be about ``other`` lines."""
+    table = ""
+    for n, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#") or line == "COMMIT":
             continue
         if line.startswith("*"):
-            name = line[1:].strip()
-            current = tables.setdefault(name, SavedTable(name=name))
-            continue
-        if current is None:
+            table = line[1:].strip()
+            yield SaveLine(n, "table", table)
             continue
         if line.startswith(":"):
             parts = line[1:].split()
-            current.chains.setdefault(parts[0], [])
-            if len(parts) > 1:
-                current.policies[parts[0]] = parts[1]
+            if parts:
+                yield SaveLine(n, "chain", table, chain=parts[0],
+                               policy=parts[1] if len(parts) > 1 else "")
+            else:
+                yield SaveLine(n, "other", table, text=line)
             continue
-        if line.startswith("[") and "] " in line:  # iptables-save -c counters
+        if line.startswith("[") and "] " in line:
             line = line.split("] ", 1)[1]
         tokens = line.split()
         if len(tokens) >= 2 and tokens[0] in ("-A", "--append"):
-            current.chains.setdefault(tokens[1], []).append(" ".join(tokens))
+            yield SaveLine(n, "rule", table, chain=tokens[1], text=line)
         elif len(tokens) >= 2 and tokens[0] in ("-N", "--new-chain"):
-            current.chains.setdefault(tokens[1], [])
+            yield SaveLine(n, "new", table, chain=tokens[1])
+        else:
+            yield SaveLine(n, "other", table, text=line)
+
+
+def parse_save(text: str) -> dict[str, SavedTable]:
+    """Parse ``iptables-save`` text into tables → chains → rules (``-A chain …`` lines),
+    leniently: lines it does not know are skipped.
+
+    Chain declarations (``:NAME POLICY [p:b]``, ``-N NAME``) register a chain even when it has
+    no rules.
+    """
+    tables: dict[str, SavedTable] = {}
+    for ln in scan_save(text):
+        if not ln.table:
+            continue
+        current = tables.setdefault(ln.table, SavedTable(name=ln.table))
+        if ln.kind in ("chain", "new"):
+            current.chains.setdefault(ln.chain, [])
+            if ln.policy:
+                current.policies[ln.chain] = ln.policy
+        elif ln.kind == "rule":
+            current.chains.setdefault(ln.chain, []).append(" ".join(ln.text.split()))
     return tables

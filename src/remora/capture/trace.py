@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from remora.capture.render import scan_save
 from remora.capture.rules import IN_REDIRECT, OUTPUT_DNS, REDIRECT, RuleSet
 from remora.capture.ruletext import Match, ParsedRule, Table, parse_rule
 from remora.errors import BadInput
@@ -67,35 +68,26 @@ def ruleset_from_save(v4: str, v6: str = "", origin: str = "iptables-save") -> R
     format is an error naming the line."""
     rs = Ruleset(origin=origin)
     for family, text in ((4, v4), (6, v6)):
-        current: Table | None = None
-        for n, raw in enumerate(text.splitlines(), start=1):
-            line = raw.strip()
-            if not line or line.startswith("#") or line == "COMMIT":
+        for ln in scan_save(text):
+            where = f"{'ip6tables' if family == 6 else 'iptables'}-save line {ln.number}"
+            if ln.kind == "table":
+                rs.tables[family].setdefault(ln.table, Table(name=ln.table))
                 continue
-            where = f"{'ip6tables' if family == 6 else 'iptables'}-save line {n}"
-            if line.startswith("*"):
-                name = line[1:].strip()
-                current = rs.tables[family].setdefault(name, Table(name=name))
-                continue
-            if current is None:
-                raise BadInput(f"{where}: rule outside a table: {line!r}")
-            if line.startswith(":"):
-                parts = line[1:].split()
-                if not parts:
-                    raise BadInput(f"{where}: bad chain line {line!r}")
-                current.chains.setdefault(parts[0], [])
-                if len(parts) > 1 and parts[1] != "-":
-                    current.policies[parts[0]] = parts[1]
-                continue
-            if line.startswith("[") and "] " in line:
-                line = line.split("] ", 1)[1]
-            if not line.startswith(("-A ", "--append ")):
-                raise BadInput(f"{where}: cannot parse {line!r}")
-            try:
-                rule = parse_rule(line, table=current.name, family=family)
-            except BadInput as exc:
-                raise BadInput(f"{where}: {exc}") from None
-            current.chains.setdefault(rule.chain, []).append(rule)
+            if not ln.table:
+                raise BadInput(f"{where}: rule outside a table: {ln.text or ln.chain!r}")
+            current = rs.tables[family][ln.table]
+            if ln.kind == "chain":
+                current.chains.setdefault(ln.chain, [])
+                if ln.policy and ln.policy != "-":
+                    current.policies[ln.chain] = ln.policy
+            elif ln.kind == "rule":
+                try:
+                    rule = parse_rule(ln.text, table=current.name, family=family)
+                except BadInput as exc:
+                    raise BadInput(f"{where}: {exc}") from None
+                current.chains.setdefault(rule.chain, []).append(rule)
+            else:
+                raise BadInput(f"{where}: cannot parse {ln.text or '-N ' + ln.chain!r}")
     return rs
 
 
