@@ -25,6 +25,7 @@ from envoy.extensions.filters.listener.http_inspector.v3 import (  # noqa: F401
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2  # noqa: F401
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2  # noqa: F401
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import json_format, symbol_database
 from google.protobuf.message import Message
 
@@ -45,6 +46,7 @@ from remora.proxy.model import (
     Locality,
     NetworkFilter,
     Node,
+    OutlierDetection,
     Snapshot,
     SocketAddress,
     SourceType,
@@ -93,7 +95,26 @@ SUPPORTED: dict[str, str | frozenset[str]] = {
     "envoy.config.cluster.v3.Cluster": frozenset({
         "name", "type", "lb_policy", "connect_timeout", "load_assignment",
         "upstream_bind_config", "circuit_breakers", "alt_stat_name", "eds_cluster_config",
-        "cleanup_interval", "dns_refresh_rate", "dns_lookup_family"}),
+        "cleanup_interval", "dns_refresh_rate", "dns_lookup_family",
+        "typed_extension_protocol_options", "outlier_detection"}),
+    "envoy.config.cluster.v3.OutlierDetection": frozenset({
+        "consecutive_5xx", "consecutive_gateway_failure", "enforcing_consecutive_5xx",
+        "enforcing_consecutive_gateway_failure", "interval", "base_ejection_time",
+        "max_ejection_time", "max_ejection_percent", "split_external_local_origin_errors",
+        "consecutive_local_origin_failure", "enforcing_consecutive_local_origin_failure"}),
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": frozenset({
+        "explicit_http_config", "use_downstream_protocol_config",
+        "common_http_protocol_options"}),
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.ExplicitHttpConfig": frozenset({
+        "http_protocol_options", "http2_protocol_options"}),
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions.UseDownstreamHttpConfig":
+        frozenset({"http_protocol_options", "http2_protocol_options"}),
+    "envoy.config.core.v3.Http1ProtocolOptions": frozenset(),
+    "envoy.config.core.v3.Http2ProtocolOptions": frozenset({
+        "max_concurrent_streams", "initial_stream_window_size",
+        "initial_connection_window_size"}),
+    "envoy.config.core.v3.HttpProtocolOptions": frozenset({
+        "idle_timeout", "max_requests_per_connection", "max_connection_duration"}),
     "envoy.config.cluster.v3.Cluster.EdsClusterConfig": frozenset({"service_name"}),
     "envoy.config.core.v3.BindConfig": frozenset({"source_address", "extra_source_addresses"}),
     "envoy.config.core.v3.ExtraSourceAddress": frozenset({"address"}),
@@ -344,6 +365,59 @@ def _thresholds(msg: Message) -> Thresholds:
                       max_retries=get("max_retries", 3))
 
 
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def _http_options(msg: cluster_pb2.Cluster, path: str) -> dict[str, Any]:
+    """``typed_extension_protocol_options`` → the cluster's HTTP upstream settings."""
+    out: dict[str, Any] = {}
+    for key, any_msg in msg.typed_extension_protocol_options.items():
+        where = f"{path}.typed_extension_protocol_options[{key}]"
+        opts = _unpack(any_msg, where)
+        if not isinstance(opts, http_protocol_options_pb2.HttpProtocolOptions):
+            raise BadInput(f"unsupported {where}: {opts.DESCRIPTOR.full_name}")
+        check_supported(opts, where)   # map values are not visited by the bootstrap check
+        if opts.HasField("explicit_http_config"):
+            out["http_protocol"] = ("HTTP2" if opts.explicit_http_config.HasField(
+                "http2_protocol_options") else "HTTP1")
+        elif opts.HasField("use_downstream_protocol_config"):
+            out["http_protocol"] = "DOWNSTREAM"
+        common = opts.common_http_protocol_options
+        if common.HasField("idle_timeout"):
+            out["http_idle_timeout"] = _seconds(common.idle_timeout) or None
+        if common.HasField("max_requests_per_connection"):
+            out["max_requests_per_connection"] = common.max_requests_per_connection.value
+    return out
+
+
+def _outlier(msg: Message) -> OutlierDetection:
+    d = OutlierDetection()
+
+    def u32(field: str, default: int) -> int:
+        return int(getattr(msg, field).value) if msg.HasField(field) else default
+
+    def dur(field: str, default: float) -> float:
+        return _seconds(getattr(msg, field)) if msg.HasField(field) else default
+    return OutlierDetection(
+        consecutive_5xx=u32("consecutive_5xx", d.consecutive_5xx),
+        consecutive_gateway_failure=u32("consecutive_gateway_failure",
+                                        d.consecutive_gateway_failure),
+        enforcing_consecutive_5xx=u32("enforcing_consecutive_5xx", d.enforcing_consecutive_5xx),
+        enforcing_consecutive_gateway_failure=u32("enforcing_consecutive_gateway_failure",
+                                                  d.enforcing_consecutive_gateway_failure),
+        interval=dur("interval", d.interval),
+        base_ejection_time=dur("base_ejection_time", d.base_ejection_time),
+        max_ejection_time=dur("max_ejection_time", d.max_ejection_time),
+        max_ejection_percent=u32("max_ejection_percent", d.max_ejection_percent),
+        split_external_local_origin_errors=msg.split_external_local_origin_errors,
+        consecutive_local_origin_failure=u32("consecutive_local_origin_failure",
+                                             d.consecutive_local_origin_failure),
+        enforcing_consecutive_local_origin_failure=u32(
+            "enforcing_consecutive_local_origin_failure",
+            d.enforcing_consecutive_local_origin_failure),
+    )
+
+
 def _cluster(msg: cluster_pb2.Cluster, path: str) -> Cluster:
     if not msg.name:
         raise BadInput(f"{path}: name is required")
@@ -396,6 +470,9 @@ def _cluster(msg: cluster_pb2.Cluster, path: str) -> Cluster:
         dns_refresh_rate=_seconds(msg.dns_refresh_rate) if msg.HasField("dns_refresh_rate")
         else 5.0,
         dns_lookup_family=_DNS_FAMILY[msg.dns_lookup_family],
+        outlier_detection=_outlier(msg.outlier_detection)
+        if msg.HasField("outlier_detection") else None,
+        **_http_options(msg, path),
     )
 
 

@@ -203,6 +203,27 @@ class Thresholds:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class OutlierDetection:
+    """``cluster.outlier_detection`` (Envoy defaults). Ejection time grows with the number of
+    times a host was ejected: ``base_ejection_time * n``, capped at ``max_ejection_time``."""
+
+    consecutive_5xx: int = 5
+    consecutive_gateway_failure: int = 5
+    enforcing_consecutive_5xx: int = 100          # percent
+    enforcing_consecutive_gateway_failure: int = 0
+    interval: float = 10.0
+    base_ejection_time: float = 30.0
+    max_ejection_time: float = 300.0
+    max_ejection_percent: int = 10
+    split_external_local_origin_errors: bool = False
+    consecutive_local_origin_failure: int = 5
+    enforcing_consecutive_local_origin_failure: int = 100
+
+
+UpstreamHttpProtocol = Literal["HTTP1", "HTTP2", "DOWNSTREAM"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Cluster:
     name: str
     type: ClusterType = "STATIC"
@@ -219,6 +240,12 @@ class Cluster:
     dns_refresh_rate: float = 5.0
     dns_lookup_family: DnsLookupFamily = "AUTO"
     added_via_api: bool = False
+    # HTTP: envoy.extensions.upstreams.http.v3.HttpProtocolOptions (explicit HTTP/1.1 by
+    # default, as Envoy), the pool's idle timeout (1 h) and requests per connection (0: no cap).
+    http_protocol: UpstreamHttpProtocol = "HTTP1"
+    http_idle_timeout: float | None = 3600.0
+    max_requests_per_connection: int = 0
+    outlier_detection: OutlierDetection | None = None
 
     @property
     def observability_name(self) -> str:

@@ -51,8 +51,8 @@ def test_example_compiles_with_envoy_defaults() -> None:
         "per_connection_buffer_limit_bytes", 1024),
      "unsupported field bootstrap.static_resources.listeners[0].per_connection_buffer_limit_bytes"),
     (lambda d: d["static_resources"]["clusters"][0].__setitem__(
-        "outlier_detection", {"consecutive_5xx": 3}),
-     "static_resources.clusters[0].outlier_detection"),
+        "health_checks", [{"timeout": "1s"}]),
+     "static_resources.clusters[0].health_checks"),
     (lambda d: d["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
      ["typed_config"].__setitem__("access_log", []), None),  # empty repeated: not set
     (lambda d: d["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
@@ -108,3 +108,38 @@ def test_malformed_files(tmp_path: Path) -> None:
     js.write_text('{"static_resources": {"listeners": [{"name": 5}]}}')
     with pytest.raises(BadInput):
         load_bootstrap(str(js))
+
+
+def test_cluster_http_options_and_outlier_detection() -> None:
+    data = copy.deepcopy(base())
+    c = data["static_resources"]["clusters"][0]
+    c["typed_extension_protocol_options"] = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+            "common_http_protocol_options": {"idle_timeout": "300s",
+                                             "max_requests_per_connection": 7}}}
+    c["outlier_detection"] = {"consecutive_5xx": 1, "base_ejection_time": "15s",
+                              "max_ejection_percent": 100}
+    snap = compile_bootstrap(parse_bootstrap(data))
+    got = snap.clusters[c["name"]]
+    assert got.http_protocol == "HTTP2"
+    assert got.http_idle_timeout == 300.0
+    assert got.max_requests_per_connection == 7
+    assert got.outlier_detection is not None
+    assert got.outlier_detection.consecutive_5xx == 1
+    assert got.outlier_detection.base_ejection_time == 15.0
+    assert got.outlier_detection.max_ejection_percent == 100
+    assert got.outlier_detection.consecutive_gateway_failure == 5   # Envoy's default
+
+
+def test_cluster_protocol_options_fields_are_checked() -> None:
+    data = copy.deepcopy(base())
+    c = data["static_resources"]["clusters"][0]
+    c["typed_extension_protocol_options"] = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {"allow_connect": True}}}}
+    with pytest.raises(BadInput) as err:
+        compile_bootstrap(parse_bootstrap(data))
+    assert "allow_connect" in str(err.value)
