@@ -582,12 +582,19 @@ STATS_TYPES: tuple[StatsType, ...] = ("All", "Counters", "Histograms", "Gauges",
 def _selected(stats: StatsSnapshot, *, used_only: bool, pattern: re.Pattern[str] | None,
               type: StatsType = "All") -> dict[str, int]:
     """Counters and gauges by name. "Used" is approximated as non-zero: the stores keep no
-    written-since-start flag."""
+    written-since-start flag. Labelled counters and gauges appear under their full stat name
+    (``istiocustom.istio_requests_total.reporter.source.…``); histograms are not listed (Envoy
+    prints quantile summaries for them, which Remora does not compute)."""
     chosen: dict[str, int] = {}
     if type in ("All", "Counters"):
         chosen.update(stats.counters)
     if type in ("All", "Gauges"):
         chosen.update(stats.gauges)
+    for name, fam in stats.families.items():
+        if (fam.kind == "counter" and type in ("All", "Counters")) or (
+                fam.kind == "gauge" and type in ("All", "Gauges")):
+            for labels, value in fam.values.items():
+                chosen[fam.stat_name(name, labels)] = value
     return {name: value for name, value in chosen.items()
             if (not used_only or value != 0) and (pattern is None or pattern.search(name))}
 
@@ -713,27 +720,104 @@ def _token_key(name: str) -> list[str]:
     return name.split(".")
 
 
+def _label_value(v: str) -> str:
+    """A Prometheus label value: backslash, double quote and newline escaped (text format
+    0.0.4; Envoy ``PrometheusStatsFormatter::sanitizeValue``)."""
+    if "\\" in v or '"' in v or "\n" in v:
+        return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return v
+
+
+def _labels_text(names: Sequence[str], values: Sequence[str]) -> str:
+    return ",".join(f'{_PROM_INVALID.sub("_", k)}="{_label_value(v)}"'
+                    for k, v in zip(names, values, strict=True))
+
+
+def _prom_number(v: float) -> str:
+    """Envoy prints bucket bounds and sums with ``{:.32g}``: fixed notation, no trailing
+    zeros (``0.5``, ``3600000``)."""
+    if isinstance(v, int):
+        return str(v)
+    return format(v, ".32g")
+
+
+# One group of output: (sort key, metric name, lines).
+_Group = tuple[list[str], str, list[str]]
+
+
+def _family_groups(stats: StatsSnapshot, kind: str, *, used_only: bool,
+                   pattern: re.Pattern[str] | None) -> list[_Group]:
+    """Labelled families of ``kind`` as Envoy prints stats created with explicit tags: the
+    group is the tag-extracted name (``istiocustom.istio_requests_total``, sorted among the
+    other stats of its type), the metric name drops a registered custom namespace (no
+    ``envoy_`` prefix then), series are sorted by full stat name."""
+    groups: list[_Group] = []
+    for name, fam in stats.families.items():
+        if fam.kind != kind:
+            continue
+        metric = _PROM_INVALID.sub("_", name) if fam.namespace else prometheus_name(name)
+        series: list[tuple[list[str], str]] = []
+        if kind == "histogram":
+            for labels, h in fam.histograms.items():
+                full = fam.stat_name(name, labels)
+                if (used_only and h.count == 0) or (pattern is not None
+                                                    and not pattern.search(full)):
+                    continue
+                tags = _labels_text(fam.label_names, labels)
+                prefix = tags + "," if tags else ""
+                lines = [f'{metric}_bucket{{{prefix}le="{_prom_number(b)}"}} {c}\n'
+                         for b, c in zip(fam.buckets, h.cumulative(), strict=True)]
+                lines.append(f'{metric}_bucket{{{prefix}le="+Inf"}} {h.count}\n')
+                lines.append(f"{metric}_sum{{{tags}}} {_prom_number(h.sum)}\n")
+                lines.append(f"{metric}_count{{{tags}}} {h.count}\n")
+                series.append((_token_key(full), "".join(lines)))
+        else:
+            for labels, value in fam.values.items():
+                full = fam.stat_name(name, labels)
+                if (used_only and value == 0) or (pattern is not None
+                                                  and not pattern.search(full)):
+                    continue
+                line = f"{metric}{{{_labels_text(fam.label_names, labels)}}} {value}\n"
+                series.append((_token_key(full), line))
+        if series:
+            series.sort(key=lambda s: s[0])
+            key = _token_key(f"{fam.namespace}.{name}" if fam.namespace else name)
+            groups.append((key, metric, [text for _, text in series]))
+    return groups
+
+
 def render_prometheus(stats: StatsSnapshot, *, used_only: bool = False,
                       pattern: re.Pattern[str] | None = None,
                       extractors: Sequence[TagExtractor] = ISTIO_STATS_TAGS) -> str:
-    """``GET /stats/prometheus`` (text format 0.0.4): counters, then gauges; per tag-extracted
-    name a ``# TYPE`` line, the series sorted by full stat name, and a blank line."""
+    """``GET /stats/prometheus`` (text format 0.0.4): counters, then gauges, then histograms;
+    per tag-extracted name a ``# TYPE`` line, the series sorted by full stat name, and a blank
+    line. Labelled families (Istio's metrics) sort among the plain stats of their type.
+
+    Histograms print Envoy's way: cumulative ``_bucket{…,le="…"}`` per bound, ``le="+Inf"``,
+    ``_sum`` and ``_count``. The sum is exact here; Envoy's is computed from its log-linear
+    bins (bin midpoints), so it can differ in the decimals."""
     out: list[str] = []
-    for kind, values in (("counter", stats.counters), ("gauge", stats.gauges)):
-        groups: dict[str, list[tuple[str, list[tuple[str, str]], int]]] = {}
-        for name, value in values.items():
+    for kind, values in (("counter", stats.counters), ("gauge", stats.gauges),
+                         ("histogram", None)):
+        groups: list[_Group] = []
+        plain: dict[str, list[tuple[str, list[tuple[str, str]], int]]] = {}
+        for name, value in (values or {}).items():
             if used_only and value == 0:
                 continue
             if pattern is not None and not pattern.search(name):
                 continue
             extracted, tags = extract_tags(name, extractors)
-            groups.setdefault(extracted, []).append((name, tags, value))
-        for extracted in sorted(groups, key=_token_key):
-            metric = prometheus_name(extracted)
-            out.append(f"# TYPE {metric} {kind}\n")
-            for _, tags, value in sorted(groups[extracted], key=lambda s: _token_key(s[0])):
+            plain.setdefault(extracted, []).append((name, tags, value))
+        for extracted, members in plain.items():
+            lines = []
+            for _, tags, value in sorted(members, key=lambda s: _token_key(s[0])):
                 labels = ",".join(f'{_PROM_INVALID.sub("_", k)}="{v}"' for k, v in tags)
-                out.append(f"{metric}{{{labels}}} {value}\n")
+                lines.append(f"{prometheus_name(extracted)}{{{labels}}} {value}\n")
+            groups.append((_token_key(extracted), prometheus_name(extracted), lines))
+        groups += _family_groups(stats, kind, used_only=used_only, pattern=pattern)
+        for _, metric, lines in sorted(groups, key=lambda g: g[0]):
+            out.append(f"# TYPE {metric} {kind}\n")
+            out += lines
             out.append("\n")
     return "".join(out)
 

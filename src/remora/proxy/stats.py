@@ -1,39 +1,165 @@
 """Envoy-named counters and gauges, per worker, mergeable across workers.
 
 Owns: the stat store (``listener.<addr>.downstream_cx_total``, ``cluster.<name>.upstream_cx_total``
-…), snapshots as plain dicts (so a worker process can send them to the admin process) and
-the merge of several workers' snapshots (counters and gauges add up, as Envoy's do across
-worker threads).
-Must not: format output (see ``admin``) or do IO.
+…), labelled metric families (Istio's ``istio_requests_total{reporter=…}`` counters and
+``istio_request_duration_milliseconds`` histograms), snapshots as plain dicts (so a worker
+process can send them to the admin process) and the merge of several workers' snapshots
+(counters, gauges, histogram buckets, sums and counts add up, as Envoy's do across worker
+threads).
+Must not: format output (see ``admin_format``) or do IO.
 
 Names follow Envoy's stats documentation: a cluster's scope is its observability name
 (``alt_stat_name`` when set, so Istio clusters read ``cluster.outbound|8080||x;.…``), a
 listener's scope is its address (``listener.0.0.0.0_15006.…``), tcp_proxy's is
 ``tcp.<stat_prefix>.…``.
+
+Labelled families model stats Envoy creates with explicit tags
+(``Stats::Utility::counterFromStatNames(scope, {namespace, name}, tags)``, as Istio's stats
+filter does): the family is the tag-extracted name, a series is one tuple of tag values in the
+family's tag order. Hot path: the caller keeps the :class:`Family` and a ready values tuple, so
+an observation is one dict lookup plus an add (histograms: plus a ``bisect``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from bisect import bisect_right
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Kind = Literal["counter", "gauge"]
+FamilyKind = Literal["counter", "gauge", "histogram"]
+Labels = tuple[str, ...]
+
+#: Envoy's default histogram buckets (``Stats::HistogramSettingsImpl::defaultBuckets``), used
+#: for every histogram without ``stats_config.histogram_bucket_settings`` -- Istio's included
+#: (its sidecar bootstrap sets bucket settings only for the ``statsHistogramBuckets``
+#: annotation), so the byte-size histograms share the millisecond bounds.
+DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000,
+    600000, 1800000, 3600000)
+
+
+@dataclass(slots=True)
+class Histogram:
+    """One histogram series. ``counts`` are disjoint, one per bucket plus an overflow slot:
+    ``counts[i]`` holds the observations ``v`` with ``buckets[i-1] <= v < buckets[i]``.
+
+    The upper bound is exclusive because Envoy's is: its log-linear histogram counts a value
+    equal to a bound in the next bucket (envoyproxy/envoy#20087, #36549), so a 25 ms request
+    lands in ``le="50"``. Cumulative ``le`` counts are derived when rendering."""
+
+    counts: list[int]
+    sum: float = 0
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[int]:
+        out = []
+        running = 0
+        for c in self.counts[:-1]:
+            running += c
+            out.append(running)
+        return out
+
+
+@dataclass(slots=True)
+class Family:
+    """A labelled metric: kind, tag names in order, buckets (histograms), and its series by
+    tag values. ``namespace`` is the custom stat namespace Envoy strips from Prometheus names
+    (Istio registers ``istiocustom``; its stats are ``istiocustom.istio_requests_total…``
+    internally and ``istio_requests_total`` in Prometheus output)."""
+
+    kind: FamilyKind
+    label_names: Labels
+    buckets: tuple[float, ...] = ()
+    namespace: str = ""
+    values: dict[Labels, int] = field(default_factory=dict)
+    histograms: dict[Labels, Histogram] = field(default_factory=dict)
+
+    def inc(self, labels: Labels, by: int = 1) -> None:
+        values = self.values
+        values[labels] = values.get(labels, 0) + by
+
+    def observe(self, labels: Labels, value: float) -> None:
+        h = self.histograms.get(labels)
+        if h is None:
+            h = self.histograms[labels] = Histogram([0] * (len(self.buckets) + 1))
+        h.counts[bisect_right(self.buckets, value)] += 1
+        h.sum += value
+
+    def copy(self) -> Family:
+        return Family(kind=self.kind, label_names=self.label_names, buckets=self.buckets,
+                      namespace=self.namespace, values=dict(self.values),
+                      histograms={k: Histogram(list(h.counts), h.sum)
+                                  for k, h in self.histograms.items()})
+
+    def stat_name(self, name: str, labels: Labels) -> str:
+        """The full Envoy stat name of one series: ``<namespace>.<name>.<tag>.<value>…``
+        (``TagStatNameJoiner``), what ``/stats`` prints and Envoy sorts by."""
+        parts = [self.namespace, name] if self.namespace else [name]
+        for k, v in zip(self.label_names, labels, strict=True):
+            parts.append(k)
+            parts.append(v)
+        return ".".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "labels": list(self.label_names)}
+        if self.buckets:
+            out["buckets"] = list(self.buckets)
+        if self.namespace:
+            out["namespace"] = self.namespace
+        if self.kind == "histogram":
+            out["series"] = [[list(k), list(h.counts), h.sum]
+                             for k, h in self.histograms.items()]
+        else:
+            out["series"] = [[list(k), v] for k, v in self.values.items()]
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Family:
+        fam = cls(kind=data["kind"], label_names=tuple(data["labels"]),
+                  buckets=tuple(data.get("buckets", ())), namespace=data.get("namespace", ""))
+        for item in data.get("series", ()):
+            if fam.kind == "histogram":
+                fam.histograms[tuple(item[0])] = Histogram(list(item[1]), item[2])
+            else:
+                fam.values[tuple(item[0])] = item[1]
+        return fam
+
+    def merge_from(self, other: Family) -> None:
+        for k, v in other.values.items():
+            self.values[k] = self.values.get(k, 0) + v
+        for k, h in other.histograms.items():
+            have = self.histograms.get(k)
+            if have is None:
+                self.histograms[k] = Histogram(list(h.counts), h.sum)
+            else:
+                have.counts = [a + b for a, b in zip(have.counts, h.counts, strict=True)]
+                have.sum += h.sum
 
 
 @dataclass(slots=True)
 class StatsSnapshot:
-    """Counters and gauges by full name."""
+    """Counters and gauges by full name, labelled families by name."""
 
     counters: dict[str, int] = field(default_factory=dict)
     gauges: dict[str, int] = field(default_factory=dict)
+    families: dict[str, Family] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, dict[str, int]]:
-        return {"counters": dict(self.counters), "gauges": dict(self.gauges)}
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"counters": dict(self.counters), "gauges": dict(self.gauges)}
+        if self.families:
+            out["families"] = {n: f.to_json() for n, f in self.families.items()}
+        return out
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Mapping[str, int]]) -> StatsSnapshot:
-        return cls(counters=dict(data.get("counters", {})), gauges=dict(data.get("gauges", {})))
+    def from_json(cls, data: Mapping[str, Any]) -> StatsSnapshot:
+        return cls(counters=dict(data.get("counters", {})), gauges=dict(data.get("gauges", {})),
+                   families={n: Family.from_json(f)
+                             for n, f in data.get("families", {}).items()})
 
     def value(self, name: str) -> int:
         return self.counters.get(name, self.gauges.get(name, 0))
@@ -46,17 +172,25 @@ def merge(snapshots: Iterable[StatsSnapshot]) -> StatsSnapshot:
             out.counters[name] = out.counters.get(name, 0) + value
         for name, value in snap.gauges.items():
             out.gauges[name] = out.gauges.get(name, 0) + value
+        for name, fam in snap.families.items():
+            have = out.families.get(name)
+            if have is None:
+                out.families[name] = fam.copy()
+            else:
+                have.merge_from(fam)
     return out
 
 
 class Stats:
-    """A worker's store. Hot path: ``inc``/``add`` on a name are one dict update."""
+    """A worker's store. Hot path: ``inc``/``add`` on a name are one dict update; labelled
+    metrics go through a :class:`Family` the caller obtained once from :meth:`family`."""
 
-    __slots__ = ("counters", "gauges")
+    __slots__ = ("counters", "families", "gauges")
 
     def __init__(self) -> None:
         self.counters: dict[str, int] = {}
         self.gauges: dict[str, int] = {}
+        self.families: dict[str, Family] = {}
 
     def inc(self, name: str, by: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + by
@@ -71,12 +205,31 @@ class Stats:
     def gauge_set(self, name: str, value: int) -> None:
         self.gauges[name] = value
 
+    def family(self, name: str, kind: FamilyKind, label_names: Sequence[str], *,
+               buckets: Sequence[float] = DEFAULT_BUCKETS, namespace: str = "") -> Family:
+        """The labelled family ``name``, created on first use. Asking again with another
+        shape is a programming error."""
+        fam = self.families.get(name)
+        shape = (kind, tuple(label_names),
+                 tuple(buckets) if kind == "histogram" else (), namespace)
+        if fam is None:
+            fam = self.families[name] = Family(kind=shape[0], label_names=shape[1],
+                                               buckets=shape[2], namespace=shape[3])
+        elif (fam.kind, fam.label_names, fam.buckets, fam.namespace) != shape:
+            raise ValueError(f"stat family {name} already exists with another shape")
+        return fam
+
     def snapshot(self) -> StatsSnapshot:
-        return StatsSnapshot(counters=dict(self.counters), gauges=dict(self.gauges))
+        return StatsSnapshot(counters=dict(self.counters), gauges=dict(self.gauges),
+                             families={n: f.copy() for n, f in self.families.items()})
 
     def reset_counters(self) -> None:
         for name in self.counters:
             self.counters[name] = 0
+        for fam in self.families.values():
+            if fam.kind == "counter":
+                for labels in fam.values:
+                    fam.values[labels] = 0
 
 
 def listener_scope(address: str) -> str:
