@@ -73,20 +73,23 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import re
 from collections import deque
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame
 
 from remora.proxy.http.types import (
     Body,
+    ClientCodec,
     ConnectionClosed,
     EndStream,
     Event,
@@ -97,6 +100,7 @@ from remora.proxy.http.types import (
     RequestHeaders,
     ResponseHead,
     ResponseHeaders,
+    ServerCodec,
     StreamReset,
     Writable,
 )
@@ -123,6 +127,7 @@ DEFAULT_MAX_HEADER_LIST_SIZE = 60 * 1024
 SWITCHING_PROTOCOLS_H2C = (b"HTTP/1.1 101 Switching Protocols\r\n"
                            b"Connection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
 
+_TOKEN68_B64URL = re.compile(r"[A-Za-z0-9_-]*=*")   # RFC 7540 §3.2.1: base64url (token68)
 _RFC_INITIAL_WINDOW = 65535          # RFC 9113 §6.9.2: every window starts here
 _MAX_STREAM_ID = 2**31 - 1
 _PREFACE_LEN = 24                    # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" (RFC 9113 §3.4)
@@ -365,10 +370,12 @@ class _H2Codec:
                     events = self._conn.receive_data(piece)
                 except Exception as exc:
                     # Whatever h2 (or hpack/hyperframe below it) raises on these bytes ends the
-                    # connection: never let it out of the codec. h2 has queued a GOAWAY for
-                    # its own ProtocolErrors only.
-                    self._fail(exc, out,
-                               answered=isinstance(exc, h2.exceptions.ProtocolError))
+                    # connection: never let it out of the codec. h2 has queued a GOAWAY (and
+                    # closed its state machine) for the ProtocolErrors it raised while
+                    # handling a frame, not for a bad preface or anything else.
+                    self._fail(exc, out, answered=(
+                        isinstance(exc, h2.exceptions.ProtocolError)
+                        and self._conn.state_machine.state is ConnectionState.CLOSED))
                 else:
                     self._translate(events, out)
             if self._dead:
@@ -669,6 +676,9 @@ class H2ServerCodec(_H2Codec):
         ``consumed`` is not needed for that body (it was not flow-controlled).
         """
         value = settings_header.strip()
+        if not _TOKEN68_B64URL.fullmatch(value):
+            # (the decoder would skip stray characters instead of refusing them)
+            raise ValueError(f"bad HTTP2-Settings: {settings_header!r}")
         try:
             raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
             codec = cls(_upgrade_settings=base64.urlsafe_b64encode(raw), **options)
@@ -850,3 +860,8 @@ class H2ClientCodec(_H2Codec):
         out.append(ResponseHeaders(sid, head, end))
         if end:
             self._maybe_done(sid, st)
+
+
+if TYPE_CHECKING:   # the codec shapes are structural: let mypy hold us to them
+    def _conforms(s: H2ServerCodec, c: H2ClientCodec) -> tuple[ServerCodec, ClientCodec]:
+        return s, c
