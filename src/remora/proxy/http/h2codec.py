@@ -23,7 +23,8 @@ The contract a caller relies on:
   side's transport, which was not paused). Only then do WINDOW_UPDATEs go out (``h2``'s window
   manager batches them to half a window), so a slow receiver stops a fast sender and memory stays
   bounded by the windows. Padding, data of streams already reset, and the unconsumed rest of a
-  stream that is reset are given back to the connection window by the codec itself.
+  stream that is reset (by either side, or by ``reset()`` after it ended: do that when dropping
+  bytes instead of passing them on) are given back to the connection window by the codec.
 * **Stream ends.** Headers with ``end_stream=True`` are the whole message (no
   :class:`EndStream` follows); otherwise :class:`Body` events and one :class:`EndStream` (with
   trailers, if any). Every stream the codec still tracks when it dies ends with a
@@ -309,7 +310,9 @@ class _H2Codec:
             return
         st.queue.append(memoryview(data))
         st.queued += len(data)
-        if not self._pump(stream, st):
+        if self._pump(stream, st):
+            self._blocked.pop(stream, None)
+        else:
             self._blocked[stream] = None
 
     def send_end(self, stream: int, trailers: HeaderMap | None = None) -> None:
@@ -322,9 +325,13 @@ class _H2Codec:
             self._finish_local(stream, st)
 
     def reset(self, stream: int, code: int = CANCEL) -> None:
-        """RST_STREAM (CANCEL unless told), queued data dropped; nothing more is reported."""
+        """RST_STREAM (CANCEL unless told), queued data dropped; nothing more is reported.
+        On a stream that already ended it only gives back what was received and not
+        ``consumed`` (so dropping a finished response's body never shrinks the window)."""
         st = self._streams.pop(stream, None)
         if st is None:
+            if not self._dead:
+                self._release(stream)
             return
         self._blocked.pop(stream, None)
         if self._dead:
@@ -819,11 +826,10 @@ class H2ClientCodec(_H2Codec):
                 block.append((b":authority", _encode(authority)))
             block.append((b":path", _encode(head.path or "/")))
         block += _fields(head.headers)
-        st = _Stream()
-        self._streams[stream] = st
         self._conn.send_headers(stream, block, end_stream=end_stream)
-        if end_stream:
-            st.local_done = True
+        st = _Stream()
+        st.local_done = end_stream
+        self._streams[stream] = st
 
     def _on_headers(self, ev: h2.events.Event, out: list[Event]) -> None:
         if isinstance(ev, h2.events.ResponseReceived):

@@ -674,3 +674,21 @@ def test_fuzz_frames_never_raise(seq: list[bytes]) -> None:
     p.pump()
     p.s.receive(b"")
     p.c.receive(b"")
+
+
+def test_dropping_a_finished_response_gives_its_window_back() -> None:
+    # a pooled upstream connection must not shrink when a response body is thrown away
+    p = Pair(server=H2ServerCodec(stream_window=65535, connection_window=65535),
+             client=H2ClientCodec(stream_window=65535, connection_window=65535))
+    for _ in range(3):
+        sid = p.request()
+        p.pump()
+        p.s.send_headers(sid, ResponseHead(200), False)
+        p.s.send_body(sid, b"r" * 40000)
+        p.s.send_end(sid)
+        _, cev = p.pump()
+        assert len(body_of(cev, sid)) == 40000 and of(cev, EndStream, sid)
+        assert p.c.active_streams == 0
+        p.c.reset(sid)                       # nothing consumed: drop it all
+        p.pump()
+    assert p.s.buffered(sid) == 0
