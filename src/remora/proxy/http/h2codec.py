@@ -308,6 +308,8 @@ class _H2Codec:
         st = self._streams.get(stream)
         if st is None or st.local_done or st.end_pending or self._dead or not data:
             return
+        if type(data) is not bytes:
+            data = bytes(data)      # a queued view must not pin (or see changes to) a buffer
         st.queue.append(memoryview(data))
         st.queued += len(data)
         if self._pump(stream, st):
