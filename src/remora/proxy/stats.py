@@ -210,6 +210,8 @@ class Stats:
         """The labelled family ``name``, created on first use. Asking again with another
         shape is a programming error."""
         fam = self.families.get(name)
+        if fam is not None and fam.label_names is label_names and fam.kind == kind:
+            return fam      # the hot path: the caller passes its constant tuple again
         shape = (kind, tuple(label_names),
                  tuple(buckets) if kind == "histogram" else (), namespace)
         if fam is None:

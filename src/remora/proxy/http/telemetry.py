@@ -1,0 +1,434 @@
+"""Istio's standard metrics, as the Istio stats filter reports them, and HTTP peer metadata.
+
+Owns: :class:`WorkloadMeta` (who a proxy's workload is, from the bootstrap node metadata), the
+``x-envoy-peer-metadata`` / ``x-envoy-peer-metadata-id`` exchange (encode and decode), the
+derivation of ``destination_service*`` from a cluster name, and recording
+``istio_requests_total``, ``istio_request_duration_milliseconds``, ``istio_request_bytes``,
+``istio_response_bytes`` and the four ``istio_tcp_*`` counters into a worker's
+:class:`~remora.proxy.stats.Stats` with Istio's label names, order and fallbacks.
+Must not: do IO, or decide when a request is finished (the connection manager calls in).
+
+References (behaviour matched, no code taken): istio/proxy
+``source/extensions/filters/http/istio_stats/istio_stats.cc`` (tag order and values,
+``populatePeerInfo``: "unknown" / "latest" fallbacks, the destination service from cluster
+metadata or the Host header, ``connection_security_policy``), ``source/extensions/filters/http/
+peer_metadata/filter.cc`` and ``extensions/common/metadata_object.{h,cc}`` (header names,
+base64 of a deterministically serialized ``google.protobuf.Struct`` with ``NAME``,
+``NAMESPACE``, ``WORKLOAD_NAME``, ``CLUSTER_ID``, ``LABELS``, ``OWNER``); istio.io
+"Istio Standard Metrics"; spec ``dataplane-envoy-pilot-agent.md`` §9, §11.5.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
+
+from remora.proxy.http.accesslog import response_flags_text
+from remora.proxy.http.types import HeaderMap, StreamInfo
+from remora.proxy.stats import Labels, Stats
+
+Reporter = Literal["source", "destination"]
+
+PEER_METADATA_ID = "x-envoy-peer-metadata-id"
+PEER_METADATA = "x-envoy-peer-metadata"
+
+#: Istio registers this custom stat namespace: stats are ``istiocustom.istio_requests_total…``
+#: inside Envoy and ``istio_requests_total`` in Prometheus output.
+NAMESPACE = "istiocustom"
+
+UNKNOWN = "unknown"
+LATEST = "latest"
+
+# Labels in the order the stats filter pushes its tags (istio_stats.cc): reporter, the peer
+# block, then the request block. TCP metrics have no response_code / grpc_response_status.
+_PEER_LABELS = (
+    "reporter", "source_workload", "source_canonical_service", "source_canonical_revision",
+    "source_workload_namespace", "source_principal", "source_app", "source_version",
+    "source_cluster", "destination_workload", "destination_workload_namespace",
+    "destination_principal", "destination_app", "destination_version", "destination_service",
+    "destination_canonical_service", "destination_canonical_revision",
+    "destination_service_name", "destination_service_namespace", "destination_cluster")
+HTTP_LABELS: Labels = (*_PEER_LABELS, "request_protocol", "response_code",
+                       "grpc_response_status", "response_flags", "connection_security_policy")
+TCP_LABELS: Labels = (*_PEER_LABELS, "request_protocol", "response_flags",
+                      "connection_security_policy")
+
+REQUESTS_TOTAL = "istio_requests_total"
+REQUEST_DURATION = "istio_request_duration_milliseconds"
+REQUEST_BYTES = "istio_request_bytes"
+RESPONSE_BYTES = "istio_response_bytes"
+TCP_OPENED = "istio_tcp_connections_opened_total"
+TCP_CLOSED = "istio_tcp_connections_closed_total"
+TCP_SENT = "istio_tcp_sent_bytes_total"
+TCP_RECEIVED = "istio_tcp_received_bytes_total"
+
+# Label keys Istio reads from LABELS (metadata_object.h), with the qualified fallbacks.
+CANONICAL_NAME = "service.istio.io/canonical-name"
+CANONICAL_REVISION = "service.istio.io/canonical-revision"
+_APP_KEYS = ("app", "app.kubernetes.io/name")
+_VERSION_KEYS = ("version", "app.kubernetes.io/version")
+_SPECIAL_LABELS = frozenset({CANONICAL_NAME, CANONICAL_REVISION, *_APP_KEYS, *_VERSION_KEYS})
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadMeta:
+    """A workload as the stats filter sees it (``WorkloadMetadataObject``). ``name`` is the
+    instance (pod) name; ``principal`` its SPIFFE identity when known; ``service_host`` (a
+    Remora addition) the FQDN of the service the workload serves, which Istio reads from the
+    inbound cluster's metadata; ``labels`` the other labels, sorted."""
+
+    name: str = ""
+    namespace: str = ""
+    workload_name: str = ""
+    app: str = ""
+    version: str = ""
+    canonical_service: str = ""
+    canonical_revision: str = ""
+    cluster_id: str = ""
+    mesh_id: str = ""
+    owner: str = ""
+    principal: str = ""
+    service_host: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+def _first(labels: Mapping[str, Any], keys: tuple[str, ...]) -> str:
+    for k in keys:
+        v = labels.get(k)
+        if isinstance(v, str) and v:
+            return v
+    return ""
+
+
+def _text(d: Mapping[str, Any], key: str) -> str:
+    v = d.get(key)
+    return v if isinstance(v, str) else ""
+
+
+def workload_from_node(metadata: Mapping[str, Any], *, principal: str = "",
+                       service_host: str = "") -> WorkloadMeta:
+    """From the bootstrap ``node.metadata`` (a plain dict, as
+    :attr:`remora.proxy.model.Node.metadata` holds it): ``NAME``, ``NAMESPACE``,
+    ``WORKLOAD_NAME``, ``LABELS`` (``app``, ``version``, ``service.istio.io/canonical-*``),
+    ``CLUSTER_ID``, ``MESH_ID``, ``OWNER``. Missing keys stay ""."""
+    raw = metadata.get("LABELS")
+    labels: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+    return WorkloadMeta(
+        name=_text(metadata, "NAME"), namespace=_text(metadata, "NAMESPACE"),
+        workload_name=_text(metadata, "WORKLOAD_NAME"),
+        app=_first(labels, _APP_KEYS), version=_first(labels, _VERSION_KEYS),
+        canonical_service=_text(labels, CANONICAL_NAME),
+        canonical_revision=_text(labels, CANONICAL_REVISION),
+        cluster_id=_text(metadata, "CLUSTER_ID"), mesh_id=_text(metadata, "MESH_ID"),
+        owner=_text(metadata, "OWNER"), principal=principal, service_host=service_host,
+        labels=tuple(sorted((k, v) for k, v in labels.items()
+                            if isinstance(v, str) and k not in _SPECIAL_LABELS)))
+
+
+# ----------------------------------------------------------------------------- peer metadata
+
+
+def metadata_struct(meta: WorkloadMeta) -> struct_pb2.Struct:
+    """``convertWorkloadMetadataToStruct``: set fields only; LABELS always present."""
+    s = struct_pb2.Struct()
+    for key, value in (("NAME", meta.name), ("NAMESPACE", meta.namespace),
+                       ("WORKLOAD_NAME", meta.workload_name), ("CLUSTER_ID", meta.cluster_id)):
+        if value:
+            s.fields[key].string_value = value
+    labels = s.fields["LABELS"].struct_value
+    for key, value in ((CANONICAL_NAME, meta.canonical_service),
+                       (CANONICAL_REVISION, meta.canonical_revision),
+                       ("app", meta.app), ("version", meta.version)):
+        if value:
+            labels.fields[key].string_value = value
+    if meta.owner:
+        s.fields["OWNER"].string_value = meta.owner
+    return s
+
+
+def encode_peer_metadata(meta: WorkloadMeta, node_id: str = "") -> dict[str, str]:
+    """The two headers a sidecar adds to outbound requests (and to responses of requests
+    that carried them): ``x-envoy-peer-metadata-id`` (the node id) and
+    ``x-envoy-peer-metadata`` (base64 of the deterministically serialized Struct). Compute
+    once per workload; the value does not change."""
+    data = metadata_struct(meta).SerializeToString(deterministic=True)
+    return {PEER_METADATA_ID: node_id, PEER_METADATA: base64.b64encode(data).decode("ascii")}
+
+
+_B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+_CACHE_MAX = 1024
+_decoded: dict[str, WorkloadMeta | None] = {}
+
+
+def decode_peer_metadata_value(value: str) -> WorkloadMeta | None:
+    """One ``x-envoy-peer-metadata`` value; garbage (bad base64, not a Struct, no known
+    field) gives None. Results are cached per value (peers send the same bytes every time,
+    as Istio's per-id cache assumes)."""
+    try:
+        return _decoded[value]
+    except KeyError:
+        pass
+    meta = _decode(value)
+    if len(_decoded) >= _CACHE_MAX:
+        _decoded.clear()
+    _decoded[value] = meta
+    return meta
+
+
+def _decode(value: str) -> WorkloadMeta | None:
+    v = value.strip()
+    if not v or not _B64.fullmatch(v):
+        return None
+    try:
+        raw = base64.b64decode(v + "=" * (-len(v) % 4))   # Envoy decodes without padding
+    except (binascii.Error, ValueError):
+        return None
+    s = struct_pb2.Struct()
+    try:
+        s.ParseFromString(raw)
+    except (DecodeError, RuntimeError, ValueError):
+        return None
+    fields = s.fields
+
+    def text(key: str) -> str:
+        if key not in fields:
+            return ""
+        f = fields[key]
+        return f.string_value if f.WhichOneof("kind") == "string_value" else ""
+    labels: dict[str, str] = {}
+    if "LABELS" in fields and fields["LABELS"].WhichOneof("kind") == "struct_value":
+        for k, lv in fields["LABELS"].struct_value.fields.items():
+            if lv.WhichOneof("kind") == "string_value":
+                labels[k] = lv.string_value
+    meta = WorkloadMeta(
+        name=text("NAME"), namespace=text("NAMESPACE"), workload_name=text("WORKLOAD_NAME"),
+        app=_first(labels, _APP_KEYS), version=_first(labels, _VERSION_KEYS),
+        canonical_service=labels.get(CANONICAL_NAME, ""),
+        canonical_revision=labels.get(CANONICAL_REVISION, ""),
+        cluster_id=text("CLUSTER_ID"), mesh_id=text("MESH_ID"), owner=text("OWNER"),
+        labels=tuple(sorted((k, v) for k, v in labels.items() if k not in _SPECIAL_LABELS)))
+    return None if meta == WorkloadMeta() else meta
+
+
+def decode_peer_metadata(headers: HeaderMap | Mapping[str, str]) -> WorkloadMeta | None:
+    """The peer's metadata from request (inbound) or response (outbound) headers, or None.
+    Never raises."""
+    try:
+        value = headers.get(PEER_METADATA)
+        return decode_peer_metadata_value(value) if isinstance(value, str) else None
+    except Exception:           # garbage in a header must never fail a request
+        return None
+
+
+def strip_peer_metadata(headers: HeaderMap) -> bool:
+    """Remove both headers (the receiving proxy consumes them, as Istio's filter does);
+    returns whether the metadata header was present (then the response carries ours)."""
+    had = PEER_METADATA in headers
+    headers.remove(PEER_METADATA)
+    headers.remove(PEER_METADATA_ID)
+    return had
+
+
+# ----------------------------------------------------------------------------- destination
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationService:
+    """``destination_service`` (host), ``destination_service_name`` (name) and the service's
+    namespace (informational: Istio fills ``destination_service_namespace`` from the peer or
+    the local workload, not from here). "" = unknown."""
+
+    host: str = ""
+    name: str = ""
+    namespace: str = ""
+
+
+#: Clusters whose name is used as the service name (istio_stats.cc).
+PASSTHROUGH_CLUSTERS = frozenset({
+    "BlackHoleCluster", "PassthroughCluster", "InboundPassthroughCluster",
+    "InboundPassthroughClusterIpv4", "InboundPassthroughClusterIpv6"})
+
+_K8S_SVC = re.compile(r"^([^.]+)\.([^.]+)\.svc(\.|$)")
+
+
+def service_of_host(host: str) -> DestinationService:
+    """A service FQDN as Istio's cluster metadata describes it: ``reviews.default.svc.
+    cluster.local`` → name ``reviews``, namespace ``default``; other hosts (ServiceEntry)
+    are their own name."""
+    m = _K8S_SVC.match(host)
+    if m:
+        return DestinationService(host=host, name=m.group(1), namespace=m.group(2))
+    return DestinationService(host=host, name=host)
+
+
+def destination_service(cluster: str, *, authority: str = "", route_name: str = "",
+                        local: WorkloadMeta | None = None) -> DestinationService:
+    """Istio's derivation: start from the request's Host (``authority`` as received, port
+    included, as Istio's Host-header fallback does), then ``block_all`` / ``allow_any``
+    routes and passthrough clusters name themselves, else the cluster's service: an
+    ``outbound|port|subset|host`` cluster names its host; an ``inbound|…`` cluster the local
+    workload's :attr:`WorkloadMeta.service_host` when known."""
+    fallback = DestinationService(host=authority, name=authority)
+    if route_name == "block_all":
+        return DestinationService(host=authority, name="BlackHoleCluster")
+    if route_name == "allow_any":
+        return DestinationService(host=authority, name="PassthroughCluster")
+    if cluster in PASSTHROUGH_CLUSTERS:
+        return DestinationService(host=authority, name=cluster)
+    parts = cluster.split("|")
+    if len(parts) == 4 and parts[0] == "outbound" and parts[3]:
+        return service_of_host(parts[3])
+    if len(parts) == 4 and parts[0] == "inbound":
+        if parts[3]:
+            return service_of_host(parts[3])
+        if local is not None and local.service_host:
+            return service_of_host(local.service_host)
+    return fallback
+
+
+# ----------------------------------------------------------------------------- recording
+
+
+def _or(value: str, default: str) -> str:
+    return value or default
+
+
+def _namespace_of(principal: str) -> str:
+    """``spiffe://td/ns/<ns>/sa/<sa>`` → ``<ns>`` (Istio prefers the SAN's namespace)."""
+    i = principal.find("/ns/")
+    if i < 0:
+        return ""
+    rest = principal[i + 4:]
+    return rest.split("/", 1)[0]
+
+
+def peer_labels(reporter: Reporter, local: WorkloadMeta, peer: WorkloadMeta | None,
+                service: DestinationService, *, peer_principal: str = "") -> Labels:
+    """reporter … destination_cluster, as ``populatePeerInfo`` pushes them. Local values are
+    used as they are (Istio does not replace an empty local label); peer values fall back to
+    "unknown" (canonical revision: "latest")."""
+    p = peer if peer is not None else WorkloadMeta()
+    peer_ns = _namespace_of(peer_principal) or p.namespace
+    if reporter == "destination":
+        return (
+            "destination",
+            _or(p.workload_name, UNKNOWN), _or(p.canonical_service, UNKNOWN),
+            _or(p.canonical_revision, LATEST), _or(peer_ns, UNKNOWN),
+            _or(peer_principal, UNKNOWN), _or(p.app, UNKNOWN), _or(p.version, UNKNOWN),
+            _or(p.cluster_id, UNKNOWN),
+            local.workload_name, local.namespace, _or(local.principal, UNKNOWN), local.app,
+            local.version, service.host or local.canonical_service, local.canonical_service,
+            local.canonical_revision, service.name or local.canonical_service,
+            local.namespace, local.cluster_id)
+    return (
+        "source",
+        local.workload_name, local.canonical_service, local.canonical_revision,
+        local.namespace, _or(local.principal, UNKNOWN), local.app, local.version,
+        local.cluster_id,
+        _or(p.workload_name, UNKNOWN), _or(peer_ns, UNKNOWN), _or(peer_principal, UNKNOWN),
+        _or(p.app, UNKNOWN), _or(p.version, UNKNOWN), _or(service.host, UNKNOWN),
+        _or(p.canonical_service, UNKNOWN), _or(p.canonical_revision, LATEST),
+        _or(service.name, UNKNOWN), _or(peer_ns, UNKNOWN), _or(p.cluster_id, UNKNOWN))
+
+
+def security_policy(reporter: Reporter, mtls: bool) -> str:
+    """``mutual_tls`` / ``none`` on destination reports; the client side never knows
+    ("unknown")."""
+    if reporter == "source":
+        return UNKNOWN
+    return "mutual_tls" if mtls else "none"
+
+
+def is_grpc(info: StreamInfo) -> bool:
+    """Envoy's ``isGrpcRequestHeaders``: content-type ``application/grpc`` (``+proto`` …)."""
+    if info.request is None:
+        return False
+    ct = info.request.headers.get("content-type")
+    return ct is not None and (ct == "application/grpc"
+                               or ct.startswith(("application/grpc+", "application/grpc;")))
+
+
+def _service(value: DestinationService | str) -> DestinationService:
+    return service_of_host(value) if isinstance(value, str) else value
+
+
+def _whole_ms(seconds: float) -> int:
+    return math.floor(seconds * 1000 + 1e-6)
+
+
+def record_http(store: Stats, *, reporter: Reporter, local: WorkloadMeta,
+                peer: WorkloadMeta | None, info: StreamInfo,
+                destination_service: DestinationService | str, mtls: bool = False,
+                peer_principal: str = "", request_bytes: int | None = None,
+                response_bytes: int | None = None) -> Labels:
+    """Report one finished HTTP request (call it where access logs are written, once the
+    stream is complete): ``istio_requests_total`` +1, the duration (whole ms, only when the
+    request completed) and the request/response sizes. Istio measures the sizes on the wire
+    (headers included); the body counts of ``info`` are used unless ``request_bytes`` /
+    ``response_bytes`` say otherwise. Returns the label values used."""
+    grpc = is_grpc(info)
+    grpc_status = (str(info.grpc_status) if info.grpc_status is not None else "") if grpc \
+        else ""
+    labels = (*peer_labels(reporter, local, peer, _service(destination_service),
+                           peer_principal=peer_principal),
+              "grpc" if grpc else "http", str(info.response_code), grpc_status,
+              response_flags_text(info.response_flags), security_policy(reporter, mtls))
+    store.family(REQUESTS_TOTAL, "counter", HTTP_LABELS, namespace=NAMESPACE).inc(labels)
+    if info.duration is not None:
+        store.family(REQUEST_DURATION, "histogram", HTTP_LABELS, namespace=NAMESPACE) \
+            .observe(labels, _whole_ms(info.duration))
+    store.family(REQUEST_BYTES, "histogram", HTTP_LABELS, namespace=NAMESPACE).observe(
+        labels, info.bytes_received if request_bytes is None else request_bytes)
+    store.family(RESPONSE_BYTES, "histogram", HTTP_LABELS, namespace=NAMESPACE).observe(
+        labels, info.bytes_sent if response_bytes is None else response_bytes)
+    return labels
+
+
+def tcp_labels(*, reporter: Reporter, local: WorkloadMeta, peer: WorkloadMeta | None,
+               info: StreamInfo, destination_service: DestinationService | str,
+               mtls: bool = False, peer_principal: str = "") -> Labels:
+    """A TCP connection's labels. Istio computes them once, when the peer is known or at
+    close, and keeps them (flags included) for every later report of the connection."""
+    return (*peer_labels(reporter, local, peer, _service(destination_service),
+                         peer_principal=peer_principal),
+            "tcp", response_flags_text(info.response_flags), security_policy(reporter, mtls))
+
+
+def record_tcp_open(store: Stats, labels: Labels) -> None:
+    store.family(TCP_OPENED, "counter", TCP_LABELS, namespace=NAMESPACE).inc(labels)
+
+
+def record_tcp_bytes(store: Stats, labels: Labels, *, sent: int, received: int) -> None:
+    """Add byte deltas (what was transferred since the last report)."""
+    store.family(TCP_SENT, "counter", TCP_LABELS, namespace=NAMESPACE).inc(labels, sent)
+    store.family(TCP_RECEIVED, "counter", TCP_LABELS, namespace=NAMESPACE).inc(labels, received)
+
+
+def record_tcp_close(store: Stats, labels: Labels, *, sent: int = 0, received: int = 0) -> None:
+    """The last byte deltas and ``istio_tcp_connections_closed_total`` +1."""
+    record_tcp_bytes(store, labels, sent=sent, received=received)
+    store.family(TCP_CLOSED, "counter", TCP_LABELS, namespace=NAMESPACE).inc(labels)
+
+
+def record_tcp(store: Stats, *, reporter: Reporter, local: WorkloadMeta,
+               peer: WorkloadMeta | None, info: StreamInfo,
+               destination_service: DestinationService | str, mtls: bool = False,
+               peer_principal: str = "") -> Labels:
+    """A closed TCP connection whose peer was never learnt (no TCP metadata exchange, the
+    plaintext case): Istio then reports opened, bytes and closed together at close, with
+    the final response flags. ``info.bytes_sent`` is what went to downstream
+    (``istio_tcp_sent_bytes_total``), ``bytes_received`` what came from it."""
+    labels = tcp_labels(reporter=reporter, local=local, peer=peer, info=info,
+                        destination_service=destination_service, mtls=mtls,
+                        peer_principal=peer_principal)
+    record_tcp_open(store, labels)
+    record_tcp_close(store, labels, sent=info.bytes_sent, received=info.bytes_received)
+    return labels
