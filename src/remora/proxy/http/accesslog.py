@@ -640,8 +640,9 @@ class AccessLogConfig:
 
 
 ANY = "*"
-# Fields implemented, per message; everything else is refused with its path.
-_SUPPORTED: dict[str, str | frozenset[str]] = {
+# Fields implemented, per message; everything else is refused with its path. Public so the
+# bootstrap checker can accept ``access_log`` lists with the same table.
+SUPPORTED_FIELDS: dict[str, str | frozenset[str]] = {
     "envoy.config.accesslog.v3.AccessLog": frozenset({"name", "filter", "typed_config"}),
     "envoy.config.accesslog.v3.AccessLogFilter": frozenset({
         "status_code_filter", "duration_filter", "not_health_check_filter",
@@ -691,7 +692,7 @@ def _unpack(any_msg: Message, path: str) -> Message:
 def _check(msg: Message, path: str) -> None:
     """Refuse any field Remora does not implement, naming its path."""
     name = msg.DESCRIPTOR.full_name
-    allowed = _SUPPORTED.get(name)
+    allowed = SUPPORTED_FIELDS.get(name)
     if allowed is None:
         raise BadInput(f"unsupported {path}: {name} is not implemented")
     if allowed == ANY:
