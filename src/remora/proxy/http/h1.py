@@ -43,9 +43,13 @@ Caller contract (server side):
   received after the request — available through :meth:`~H1ServerCodec.resume` — and
   everything received later are ``Body`` of that stream, ``send_body`` writes raw bytes, and
   the connection closes afterwards. Any other answer ends the request (``EndStream`` via
-  ``resume``) and the connection goes on as HTTP/1. For ``h2c`` the 101 leaves the bytes
-  in place for :meth:`~H1ServerCodec.take_rest`. An upgrade request with a chunked body is
+  ``resume``) and the connection goes on as HTTP/1. An upgrade request with a chunked body is
   rejected (400).
+* **h2c** (``upgrade == "h2c"``) is an ordinary request as well: ``end_stream`` and
+  ``EndStream`` follow its framing, so it can be answered as HTTP/1.1 (the connection then goes
+  on) or, once it has ended, taken over by HTTP/2: :meth:`~H1ServerCodec.take_rest` returns
+  the bytes after it (the HTTP/2 preface …), whether the caller writes the 101 itself or
+  through ``send_headers``.
 
 Caller contract (client side): EOF with a request outstanding is a ``ProtocolError`` with
 status 0 whose ``details`` are Envoy's response code details, so the HCM can tell a stale
@@ -201,22 +205,24 @@ _NONE, _RAW, _CHUNKED = 0, 1, 2
 _UP_NONE, _UP_WAIT, _UP_TUNNEL, _UP_REJECTED, _UP_H2C = range(5)
 
 
+def _clean_line(line: str) -> bool:
+    return line.count("\n") == 1 and line.count("\r") == 1 and "\0" not in line
+
+
 def _field_block(items: list[tuple[str, str]]) -> str:
     """``name: value`` lines, dropping fields that would split the message (CR, LF, NUL)."""
-    return "".join(f"{k}: {v}\r\n" for k, v in items
-                   if not any(c in k or c in v for c in "\r\n\0"))
+    lines = [f"{k}: {v}\r\n" for k, v in items]
+    return "".join(ln for ln in lines if _clean_line(ln))
 
 
-def _encode_head(parts: list[str], lines: int) -> bytes:
-    """Join a head built from ``lines`` CRLF-terminated lines (the blank one included). A name
-    or value holding CR, LF or NUL would let a header inject a message (response splitting):
-    count them in one pass over the joined text, and rebuild without the culprits if any."""
+def _encode_head(parts: list[str]) -> bytes:
+    """Join a head whose ``parts`` are each one CRLF-terminated line (the blank one included).
+    A name or value holding CR, LF or NUL would let a header inject a message (response
+    splitting): count them in one pass over the joined text, and drop the culprits if any."""
     text = "".join(parts)
+    lines = len(parts)
     if text.count("\n") != lines or text.count("\r") != lines or "\0" in text:
-        first, _, rest = text.partition("\r\n")
-        kept = [ln for ln in rest.split("\r\n") if ln and "\n" not in ln and "\r" not in ln
-                and "\0" not in ln and ": " in ln]
-        text = first + "\r\n" + "".join(ln + "\r\n" for ln in kept) + "\r\n"
+        text = "".join(ln for ln in parts if _clean_line(ln))
     return text.encode("latin-1", "replace")
 
 
@@ -260,6 +266,7 @@ class H1ServerCodec:
         "_cl",
         "_closing",
         "_dead",
+        "_err_stream",
         "_expect",
         "_hcount",
         "_hdrs",
@@ -314,6 +321,7 @@ class H1ServerCodec:
         self._closing = False               # a request said close: ignore what follows it
         self._dead = False                  # a ProtocolError or EOF was queued
         self._must_close = False
+        self._err_stream = 0                # the stream a ProtocolError was queued for
         self._abort: tuple[int, str] | None = None
         self._tx_mode = _NONE
         self._up_state = _UP_NONE
@@ -463,7 +471,9 @@ class H1ServerCodec:
         head = RequestHead(method, url, authority, "http", HeaderMap.trusted(hdrs), proto)
         if upgrade:
             self._up_body_left = body_len
-            end = False
+            # h2c (RFC 9113 §3.2, obsoleted but still sent) asks for nothing beyond the request
+            # itself, which is answered either way: it ends as its framing says.
+            end = token == "h2c" and body_len == 0
         else:
             end = not chunked and body_len == 0
         self._emit(RequestHeaders(stream, head, end, token, self._expect))
@@ -522,7 +532,9 @@ class H1ServerCodec:
         stream = self._rx if self._in_msg else self._rx + 1
         self._queue.append(ProtocolError(status, details, stream))
         self._dead = True
-        self._must_close = True
+        # The connection closes after the error's reply, not after the replies to the
+        # requests before it (whose responses must not depend on when the bad bytes came).
+        self._err_stream = stream
 
     def _feed(self, data: bytes) -> None:
         self._abort = None
@@ -562,14 +574,19 @@ class H1ServerCodec:
             self._up_body_left = left = left - len(chunk)
             self._queue.append(Body(self._up_stream, chunk))
             data = data[len(chunk):]
-            if not left and self._up_state == _UP_REJECTED:
-                self._end_rejected()
+            if not left and (self._up_state == _UP_REJECTED or self._waiting_h2c()):
+                self._end_request()
         if data:
             self._rest += data
 
-    def _end_rejected(self) -> None:
-        self._queue.append(EndStream(self._up_stream))
-        self._rx_done = self._up_stream
+    def _waiting_h2c(self) -> bool:
+        req = self._requests.get(self._up_stream)
+        return req is not None and req.upgrade_token == "h2c"
+
+    def _end_request(self) -> None:
+        if self._rx_done < self._up_stream:
+            self._queue.append(EndStream(self._up_stream))
+            self._rx_done = self._up_stream
 
     # ------------------------------------------------------------------ receiving
 
@@ -644,7 +661,7 @@ class H1ServerCodec:
             if k not in _HOP_BY_HOP and k != "content-length":
                 parts.append(f"{k}: {v}\r\n")
         parts.append("\r\n")
-        self._out.append(_encode_head(parts, len(parts)))
+        self._out.append(_encode_head(parts))
 
     def send_headers(self, stream: int, head: ResponseHead, end_stream: bool) -> None:
         req = self._requests.get(stream, _NO_REQUEST)
@@ -656,8 +673,8 @@ class H1ServerCodec:
             else:
                 self._up_state = _UP_REJECTED
                 if not self._up_body_left:
-                    self._end_rejected()
-        keep_alive = req.keep_alive and not self._must_close and not tunnel
+                    self._end_request()
+        keep_alive = req.keep_alive and not self._closes_at(stream) and not tunnel
         if end_stream and self._rx_done < stream:
             keep_alive = False              # answered before the request ended: Envoy closes
         no_body = (status < 200 or status == 204 or status == 304 or req.method == "HEAD"
@@ -701,7 +718,7 @@ class H1ServerCodec:
         if not keep_alive:
             self._must_close = True
         parts.append("\r\n")
-        self._out.append(_encode_head(parts, len(parts)))
+        self._out.append(_encode_head(parts))
         self._tx_mode = mode
         if tunnel:
             if req.upgrade_token == "h2c":
@@ -732,11 +749,14 @@ class H1ServerCodec:
             return
         self._response_done(stream)
 
+    def _closes_at(self, stream: int) -> bool:
+        return self._must_close or 0 < self._err_stream <= stream
+
     def _response_done(self, stream: int) -> None:
         self._requests.pop(stream, None)
         if self._rx_done < stream:
             self._must_close = True         # Envoy closes when the response beat the request
-        if self._must_close:
+        if self._closes_at(stream):
             self._queue = [ev for ev in self._queue
                            if not isinstance(ev, ConnectionClosed) and ev.stream <= stream]
             return
@@ -771,7 +791,7 @@ class H1ServerCodec:
 
     @property
     def keep_alive(self) -> bool:
-        if self._must_close or self._up_state in (_UP_TUNNEL, _UP_H2C):
+        if self._closes_at(self._served) or self._up_state in (_UP_TUNNEL, _UP_H2C):
             return False
         req = self._requests.get(self._served)
         return req.keep_alive if req is not None else True
@@ -788,11 +808,41 @@ class H1ClientCodec:
     like Envoy's HTTP/1 connection pool)."""
 
     __slots__ = (
-        "_abort", "_bparts", "_cb", "_cl", "_close_delimited", "_connect", "_dead", "_events",
-        "_hcount", "_hdrs", "_head_only", "_hsize", "_in_head", "_info", "_max_count",
-        "_max_size", "_msg_done", "_next_id", "_out", "_parser", "_partial", "_reason",
-        "_req_done", "_req_mode", "_resp_done", "_resp_started", "_reusable", "_stream",
-        "_tail", "_te", "_trailers", "_tunnel", "_upgrade_req", "protocol",
+        "_abort",
+        "_bparts",
+        "_cb",
+        "_cl",
+        "_close_delimited",
+        "_connect",
+        "_dead",
+        "_events",
+        "_hcount",
+        "_hdrs",
+        "_head_only",
+        "_hsize",
+        "_in_head",
+        "_info",
+        "_last_stream",
+        "_max_count",
+        "_max_size",
+        "_msg_done",
+        "_next_id",
+        "_out",
+        "_parser",
+        "_partial",
+        "_reason",
+        "_req_done",
+        "_req_mode",
+        "_resp_done",
+        "_resp_started",
+        "_reusable",
+        "_stream",
+        "_tail",
+        "_te",
+        "_trailers",
+        "_tunnel",
+        "_upgrade_req",
+        "protocol",
     )
 
     protocol: Protocol
@@ -811,6 +861,7 @@ class H1ClientCodec:
         self._bparts: list[bytes] = []
         self._next_id = 1
         self._stream = 0                    # the request outstanding, 0 when idle
+        self._last_stream = 0
         self._req_mode = _NONE
         self._req_done = True
         self._resp_done = True
@@ -879,8 +930,8 @@ class H1ClientCodec:
             parts.append("transfer-encoding: chunked\r\n")
             mode = _CHUNKED
         parts.append("\r\n")
-        self._out.append(_encode_head(parts, len(parts)))
-        self._stream = stream
+        self._out.append(_encode_head(parts))
+        self._stream = self._last_stream = stream
         self._req_mode = mode
         self._req_done = end_stream
         self._resp_done = False
@@ -1124,7 +1175,7 @@ class H1ClientCodec:
             else:
                 self._events.append(ProtocolError(0, UPSTREAM_CLOSED_BEFORE, stream))
         else:
-            self._events.append(ConnectionClosed(last_stream=self._next_id - 1))
+            self._events.append(ConnectionClosed(last_stream=self._last_stream))
         self._dead = True
         self._reusable = False
 
