@@ -210,11 +210,12 @@ def parse_query(path: str) -> dict[str, str]:
 
 
 def path_without_query(path: str) -> str:
-    """``Http::PathUtil::removeQueryAndFragment``."""
-    for i, ch in enumerate(path):
-        if ch == "?" or ch == "#":
-            return path[:i]
-    return path
+    """``Http::PathUtil::removeQueryAndFragment``: up to the first ``?`` or ``#``."""
+    q = path.find("?")
+    if q >= 0:
+        path = path[:q]
+    h = path.find("#")
+    return path[:h] if h >= 0 else path
 
 
 def is_grpc_request(head: RequestHead) -> bool:
