@@ -549,6 +549,22 @@ def test_server_eof() -> None:
     assert c.receive(b"") == [ConnectionClosed(last_stream=1)]
 
 
+def test_server_reset_closes() -> None:
+    c = H1ServerCodec()
+    feed(c, GET + GET)
+    c.send_headers(1, resp(200), False)
+    c.send_body(1, b"partial")
+    c.reset(1)
+    c.send_body(1, b"dropped")
+    assert not c.keep_alive
+    assert c.data_to_send() == (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                                b"7\r\npartial\r\n")
+    c.consumed(1, 7)
+    assert c.buffered(1) == 0
+    c.close()
+    assert c.data_to_send() == b""
+
+
 # ----------------------------------------------------------------------------- client
 
 
@@ -755,6 +771,15 @@ def test_client_protocol_errors() -> None:
         assert not c.reusable
 
 
+def test_client_reset() -> None:
+    c = H1ClientCodec()
+    c.send_headers(1, get(), True)
+    c.reset(1)
+    assert not c.reusable and not c.can_open
+    assert c.receive(b"HTTP/1.1 200 OK\r\n\r\n") == []
+    assert c.buffered(1) == 0
+
+
 def test_client_response_before_request_end() -> None:
     c = H1ClientCodec()
     c.send_headers(1, get(method="POST"), False)
@@ -833,7 +858,7 @@ def cut(data: bytes, points: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip([0, *marks], [*marks, len(data)], strict=True)]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(request_bytes(), st.lists(st.integers(0, 10_000), max_size=12))
 def test_fuzz_server_split_invariant(data: bytes, points: list[int]) -> None:
     events, out = serve([data])
@@ -859,7 +884,7 @@ RESPONSES = [
 ]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(st.one_of(st.binary(max_size=120),
                  st.lists(st.sampled_from(RESPONSES), min_size=1, max_size=2).map(b"".join)),
        st.sampled_from(["GET", "HEAD", "CONNECT", "UPGRADE"]),
