@@ -18,16 +18,30 @@ import yaml
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 
+# The HTTP layer's typed configs (parsed here, compiled by remora.proxy.http.routes_compile).
+from envoy.config.trace.v3 import zipkin_pb2  # noqa: F401
+from envoy.extensions.access_loggers.file.v3 import file_pb2  # noqa: F401
+from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401
+from envoy.extensions.filters.http.cors.v3 import cors_pb2  # noqa: F401
+from envoy.extensions.filters.http.fault.v3 import fault_pb2  # noqa: F401
+from envoy.extensions.filters.http.grpc_stats.v3 import config_pb2  # noqa: F401
+from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
+
 # Importing the typed_config messages registers them for Any resolution.
 from envoy.extensions.filters.listener.http_inspector.v3 import (  # noqa: F401
     http_inspector_pb2,
 )
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2  # noqa: F401
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2  # noqa: F401
+from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
+    http_connection_manager_pb2,
+)
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import json_format, symbol_database
 from google.protobuf.message import Message
+from udpa.type.v1 import typed_struct_pb2  # noqa: F401
+from xds.type.v3 import typed_struct_pb2 as xds_typed_struct_pb2  # noqa: F401
 
 from remora.errors import BadInput
 from remora.proxy.model import (
@@ -140,7 +154,11 @@ LISTENER_FILTERS: dict[str, ListenerFilterName] = {
     "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector": "tls_inspector",
     "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector": "http_inspector",
 }
-NETWORK_FILTERS = {"envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"}
+HCM_TYPE = ("envoy.extensions.filters.network.http_connection_manager.v3."
+            "HttpConnectionManager")
+NETWORK_FILTERS = {"envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", HCM_TYPE}
+# Checked field by field by their own compiler (remora.proxy.http.routes_compile).
+DELEGATED = frozenset({HCM_TYPE})
 
 
 def _unpack(any_msg: Message, path: str) -> Message:
@@ -157,6 +175,8 @@ def _unpack(any_msg: Message, path: str) -> Message:
 def check_supported(msg: Message, path: str) -> None:
     """Refuse any field outside :data:`SUPPORTED`, naming its path."""
     name = msg.DESCRIPTOR.full_name
+    if name in DELEGATED:
+        return
     allowed = SUPPORTED.get(name)
     if allowed is None:
         raise BadInput(f"unsupported {path}: {name} is not implemented")
@@ -263,6 +283,12 @@ def _chain(msg: Message, path: str) -> FilterChain:
         cfg = _unpack(f.typed_config, where)
         if cfg.DESCRIPTOR.full_name not in NETWORK_FILTERS:
             raise BadInput(f"unsupported {where}: {cfg.DESCRIPTOR.full_name}")
+        if cfg.DESCRIPTOR.full_name == HCM_TYPE:
+            from remora.proxy.http.routes_compile import compile_hcm
+            filters.append(NetworkFilter(
+                name=f.name or "envoy.filters.network.http_connection_manager",
+                config=compile_hcm(cfg, f"{where}.typed_config")))
+            continue
         filters.append(NetworkFilter(name=f.name or "envoy.filters.network.tcp_proxy",
                                      config=_tcp_proxy(cfg, where)))
     return FilterChain(name=msg.name, match=match, filters=tuple(filters))

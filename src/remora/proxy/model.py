@@ -15,6 +15,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from remora.proxy.http.routes import HcmConfig
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -94,7 +96,7 @@ class TcpProxy:
     max_connect_attempts: int = 1
 
 
-NetworkFilterConfig = TcpProxy
+NetworkFilterConfig = TcpProxy | HcmConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,6 +115,13 @@ class FilterChain:
     def tcp_proxy(self) -> TcpProxy | None:
         for f in self.filters:
             if isinstance(f.config, TcpProxy):
+                return f.config
+        return None
+
+    @property
+    def hcm(self) -> HcmConfig | None:
+        for f in self.filters:
+            if isinstance(f.config, HcmConfig):
                 return f.config
         return None
 

@@ -38,6 +38,7 @@ from typing import Any
 
 from remora.proxy import platform
 from remora.proxy.dispatch import ConnectionInfo, HandoffIndex, select_filter_chain
+from remora.proxy.http.hcm import HttpConnectionManager, HttpContext
 from remora.proxy.model import FilterChain, Listener, Snapshot, SocketAddress
 from remora.proxy.sniff import SniffResult, sniff
 from remora.proxy.state import ClusterStatus
@@ -126,7 +127,8 @@ class Worker:
         self.clusters: dict[str, UpstreamCluster] = build_clusters(
             snapshot.clusters, self.stats, self.rng, resolver=resolver)
         self._lstats = {li.name: _ListenerStats(self.stats, li) for li in snapshot.listeners}
-        self._filters: dict[int, TcpProxyFilter] = {}
+        self._filters: dict[int, TcpProxyFilter | HttpConnectionManager] = {}
+        self.http = HttpContext(self.clusters, self.stats, self.rng)
         for li in snapshot.listeners:
             for chain in (*li.filter_chains, *([li.default_filter_chain]
                                                if li.default_filter_chain else [])):
@@ -134,6 +136,10 @@ class Worker:
                 if tp is not None:
                     self._filters[id(chain)] = TcpProxyFilter(tp, self.clusters, self.stats,
                                                               self.rng)
+                hcm = chain.hcm
+                if hcm is not None:
+                    self._filters[id(chain)] = HttpConnectionManager(
+                        hcm, self.http, direction=li.traffic_direction)
         self._bound: list[_Bound] = []
         self._stopped: set[str] = set()
         self._active_listeners = list(snapshot.listeners)
@@ -201,6 +207,7 @@ class Worker:
             if self._drain_timer is not None:
                 self._drain_timer.cancel()
             self.close_sockets()
+            self.http.close()
             stop_clusters(self.clusters)
 
     def shutdown(self, *, graceful: bool) -> None:

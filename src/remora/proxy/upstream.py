@@ -266,9 +266,11 @@ class UpstreamCluster:
     def source_for(self, host: Host) -> SocketAddress | None:
         return self.config.bind_source_for(6 if host.family == socket.AF_INET6 else 4)
 
-    async def connect(self, host: Host, protocol_factory: Callable[[], P],
-                      ) -> tuple[asyncio.Transport, P]:
-        """Open a connection to ``host``; raises :class:`UpstreamError` (``UO``/``UF``)."""
+    async def connect(self, host: Host, protocol_factory: Callable[[], P], *,
+                      as_request: bool = True) -> tuple[asyncio.Transport, P]:
+        """Open a connection to ``host``; raises :class:`UpstreamError` (``UO``/``UF``).
+        ``as_request``: count the connection as one request (tcp_proxy); HTTP pools count
+        their requests themselves."""
         s, st = self._s, self.stats
         if self.active_connections >= self._max_connections:
             st.inc(s["upstream_cx_overflow"])
@@ -303,10 +305,11 @@ class UpstreamCluster:
                 sock.close()
             if not ok:
                 self._released(host, local=True)
-        hs["rq_total"] += 1
-        hs["rq_active"] += 1
-        st.inc(s["upstream_rq_total"])
-        st.gauge_add(s["upstream_rq_active"], 1)
+        if as_request:
+            hs["rq_total"] += 1
+            hs["rq_active"] += 1
+            st.inc(s["upstream_rq_total"])
+            st.gauge_add(s["upstream_rq_active"], 1)
         return transport, protocol
 
     def _released(self, host: Host, *, local: bool) -> None:
@@ -317,11 +320,12 @@ class UpstreamCluster:
         st.inc(s["upstream_cx_destroy_local"] if local else s["upstream_cx_destroy_remote"])
         host.stats["cx_active"] -= 1
 
-    def disconnected(self, host: Host, *, local: bool) -> None:
+    def disconnected(self, host: Host, *, local: bool, as_request: bool = True) -> None:
         """An upstream connection made by :meth:`connect` has ended (``local``: we closed it
         first)."""
-        host.stats["rq_active"] -= 1
-        self.stats.gauge_add(self._s["upstream_rq_active"], -1)
+        if as_request:
+            host.stats["rq_active"] -= 1
+            self.stats.gauge_add(self._s["upstream_rq_active"], -1)
         self._released(host, local=local)
 
     def stat(self, name: str) -> str:

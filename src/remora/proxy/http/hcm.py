@@ -1,0 +1,1267 @@
+"""``envoy.filters.network.http_connection_manager`` and ``envoy.filters.http.router``.
+
+Owns, per downstream connection: choosing the codec (``codec_type`` AUTO: the HTTP/2 preface
+means HTTP/2, anything else HTTP/1.1, whose ``Upgrade: h2c`` switches to HTTP/2), the streams
+on it, and for each stream Envoy's request path: request-id and forwarding headers, route
+selection (no route: ``404 NR``), direct responses and redirects, fault injection (``DI``/``FI``),
+the router (cluster choice, host choice through the pool, per-try and total timeouts, retries
+with Istio's policy, ``x-envoy-attempt-count``, ``x-envoy-expected-rq-timeout-ms``, request
+mirroring), response headers (``server``, ``x-envoy-upstream-service-time``, header mutations),
+local replies with Envoy's texts, details and response flags, flow control both ways, and the
+stream's :class:`~remora.proxy.http.types.StreamInfo` (for access logs and Istio's metrics).
+Must not: parse bytes (the codecs do), own listen sockets (:mod:`remora.proxy.server`) or pick
+among a cluster's hosts by itself (:mod:`remora.proxy.upstream` / :mod:`.pool`).
+
+References: spec §4.3, §5.3, §7.5–7.6, §9, §10; Envoy ``conn_manager_impl.cc``,
+``conn_manager_utility.cc`` (header mutations), ``router.cc`` and ``retry_state_impl.cc``
+(retry conditions and back-off), ``config/route/v3/route_components.proto`` (timeouts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import random
+import socket
+import time
+import typing
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from remora.proxy.http import routes as rt
+from remora.proxy.http.pool import ClusterHttpState, UpstreamConnection
+from remora.proxy.http.types import (
+    Body,
+    ConnectionClosed,
+    EndStream,
+    Event,
+    HeaderMap,
+    ProtocolError,
+    RequestHead,
+    RequestHeaders,
+    ResponseHead,
+    ServerCodec,
+    StreamInfo,
+    StreamReset,
+    Writable,
+)
+from remora.proxy.model import SocketAddress
+from remora.proxy.stats import Stats
+from remora.proxy.tcp import ConnectionRecord
+from remora.proxy.upstream import Host, UpstreamCluster, UpstreamError
+
+log = logging.getLogger(__name__)
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+BUFFER_LIMIT = 1 << 20        # per_connection_buffer_limit_bytes (Envoy default 1 MiB)
+RESET_BEFORE = "upstream connect error or disconnect/reset before headers."
+HCM_STATS = (
+    "downstream_cx_total", "downstream_cx_destroy", "downstream_cx_http1_total",
+    "downstream_cx_http2_total", "downstream_rq_total", "downstream_rq_http1_total",
+    "downstream_rq_http2_total", "downstream_rq_completed", "downstream_rq_1xx",
+    "downstream_rq_2xx", "downstream_rq_3xx", "downstream_rq_4xx", "downstream_rq_5xx",
+    "downstream_rq_rx_reset", "downstream_rq_tx_reset", "downstream_rq_timeout",
+    "downstream_cx_protocol_error", "no_route", "no_cluster", "rq_direct_response",
+    "rq_redirect", "downstream_rq_ws_on_non_ws_route",
+)
+HCM_GAUGES = ("downstream_cx_active", "downstream_rq_active")
+
+Completion = Callable[[StreamInfo, "HttpConnectionManager", Mapping[str, str]], None]
+
+
+def _addr_text(sa: SocketAddress | None) -> str:
+    return "" if sa is None else str(sa)
+
+
+def http_date(now: float | None = None) -> str:
+    return email.utils.formatdate(now, usegmt=True)
+
+
+class HttpContext:
+    """What every connection manager of one worker shares."""
+
+    def __init__(self, clusters: Mapping[str, UpstreamCluster], stats: Stats,
+                 rng: random.Random) -> None:
+        self.clusters = clusters
+        self.stats = stats
+        self.rng = rng
+        self._states: dict[str, ClusterHttpState] = {}
+        self.on_complete: list[Completion] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def state(self, cluster: UpstreamCluster) -> ClusterHttpState:
+        st = self._states.get(cluster.name)
+        if st is None or st.cluster is not cluster:
+            assert self.loop is not None
+            st = self._states[cluster.name] = ClusterHttpState(cluster, self.stats, self.loop)
+        return st
+
+    def close(self) -> None:
+        for st in self._states.values():
+            st.close()
+
+
+class HttpConnectionManager:
+    """One configured HCM (per filter chain, per worker)."""
+
+    def __init__(self, config: rt.HcmConfig, ctx: HttpContext, *,
+                 direction: str = "OUTBOUND") -> None:
+        self.config = config
+        self.ctx = ctx
+        self.stats = ctx.stats
+        self.direction = direction
+        scope = f"http.{config.stat_prefix}."
+        self.s = {n: scope + n for n in (*HCM_STATS, *HCM_GAUGES)}
+        for n in HCM_STATS:
+            ctx.stats.declare(scope + n, "counter")
+        for n in HCM_GAUGES:
+            ctx.stats.declare(scope + n, "gauge")
+
+    async def handle(self, sock: socket.socket, record: ConnectionRecord, *,
+                     restored: SocketAddress | None, initial: bytes = b"") -> None:
+        """Serve HTTP on ``sock`` until it closes. Closes ``sock`` in every case."""
+        loop = asyncio.get_running_loop()
+        self.ctx.loop = loop
+        conn = _Downstream(self, record, loop)
+        self.stats.inc(self.s["downstream_cx_total"])
+        self.stats.gauge_add(self.s["downstream_cx_active"], 1)
+        try:
+            try:
+                await loop.connect_accepted_socket(lambda: conn, sock)
+            except BaseException:
+                sock.close()
+                raise
+            if initial:
+                conn.data_received(initial)
+            await conn.closed
+        except asyncio.CancelledError:
+            conn.abort()
+            raise
+        finally:
+            self.stats.gauge_add(self.s["downstream_cx_active"], -1)
+            self.stats.inc(self.s["downstream_cx_destroy"])
+
+
+class _Downstream(asyncio.Protocol):
+    """One downstream connection: the server codec and its streams."""
+
+    def __init__(self, hcm: HttpConnectionManager, record: ConnectionRecord,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.hcm = hcm
+        self.record = record
+        self.loop = loop
+        self.codec: ServerCodec | None = None
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, _Stream] = {}
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.sniff = b""
+        self.write_paused = False
+        self.read_paused = False
+        self.closing = False
+        self.h1 = True
+        self._idle: asyncio.TimerHandle | None = None
+        self._headers_timer: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------------ asyncio protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses; same interface.
+        self.transport = typing.cast(asyncio.Transport, transport)
+        cfg = self.hcm.config
+        if cfg.request_headers_timeout:
+            self._headers_timer = self.loop.call_later(cfg.request_headers_timeout,
+                                                       self._headers_timeout)
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if self.codec is None:
+            data = self.sniff + data
+            if not self._choose_codec(data):
+                self.sniff = data
+                return
+            self.sniff = b""
+        assert self.codec is not None
+        self._dispatch(self.codec.receive(data))
+        self.flush()
+
+    def eof_received(self) -> bool:
+        if self.codec is None:
+            self.close()
+            return False
+        self._dispatch(self.codec.receive(b""))
+        self.flush()
+        return False
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        for s in list(self.streams.values()):
+            s.downstream_writable(False)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for s in list(self.streams.values()):
+            s.downstream_writable(True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self._cancel_timers()
+        for s in list(self.streams.values()):
+            s.downstream_reset("DC")
+        self.streams.clear()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    # ------------------------------------------------------------------ codec
+
+    def _choose_codec(self, data: bytes) -> bool:
+        kind = self.hcm.config.codec_type
+        if kind == "AUTO":
+            if len(data) < len(H2_PREFACE) and H2_PREFACE.startswith(data):
+                return False   # could still be the preface
+            kind = "HTTP2" if data.startswith(H2_PREFACE) else "HTTP1"
+        cfg = self.hcm.config
+        if kind == "HTTP2":
+            from remora.proxy.http.h2codec import H2ServerCodec
+            self.codec = H2ServerCodec()
+            self.h1 = False
+            self.hcm.stats.inc(self.hcm.s["downstream_cx_http2_total"])
+        else:
+            from remora.proxy.http.h1 import H1ServerCodec
+            self.codec = H1ServerCodec(max_request_headers_kb=cfg.max_request_headers_kb,
+                                       max_headers_count=cfg.max_headers_count)
+            self.hcm.stats.inc(self.hcm.s["downstream_cx_http1_total"])
+        return True
+
+    def _dispatch(self, events: list[Event]) -> None:
+        for ev in events:
+            t = type(ev)
+            if t is Body:
+                assert isinstance(ev, Body)
+                s = self.streams.get(ev.stream)
+                if s is not None:
+                    s.request_body(ev.data)
+            elif t is RequestHeaders:
+                assert isinstance(ev, RequestHeaders)
+                self._new_stream(ev)
+            elif t is EndStream:
+                assert isinstance(ev, EndStream)
+                s = self.streams.get(ev.stream)
+                if s is not None:
+                    s.request_end(ev.trailers)
+            elif t is Writable:
+                assert isinstance(ev, Writable)
+                s = self.streams.get(ev.stream)
+                if s is not None and not self.write_paused:
+                    s.downstream_writable(True)
+            elif t is StreamReset:
+                assert isinstance(ev, StreamReset)
+                s = self.streams.pop(ev.stream, None)
+                if s is not None:
+                    self.hcm.stats.inc(self.hcm.s["downstream_rq_rx_reset"])
+                    s.downstream_reset("DC")
+            elif t is ProtocolError:
+                assert isinstance(ev, ProtocolError)
+                self._protocol_error(ev)
+                return
+            elif t is ConnectionClosed:
+                if not self.streams:
+                    self.close()
+                else:
+                    # HTTP/1 EOF with a request in flight: the client went away (Envoy does
+                    # not half-close HTTP connections).
+                    if self.h1:
+                        for s in list(self.streams.values()):
+                            s.downstream_reset("DC")
+                        self.close()
+                    else:
+                        self.closing_after_streams = True
+
+    closing_after_streams = False
+
+    def _new_stream(self, ev: RequestHeaders) -> None:
+        if self._headers_timer is not None:
+            self._headers_timer.cancel()
+            self._headers_timer = None
+        self._cancel_idle()
+        if ev.upgrade == "h2c" and self.h1 and self._upgrade_h2c(ev):
+            return
+        s = _Stream(self, ev)
+        self.streams[ev.stream] = s
+        s.start()
+
+    def _upgrade_h2c(self, ev: RequestHeaders) -> bool:
+        """HTTP/1.1 ``Upgrade: h2c`` (RFC 7540 §3.2): answer 101, switch the connection to
+        HTTP/2, and serve the upgraded request as stream 1."""
+        from remora.proxy.http.h1 import H1ServerCodec
+        from remora.proxy.http.h2codec import H2ServerCodec
+        settings = ev.head.headers.get("http2-settings")
+        codec = self.codec
+        if settings is None or not isinstance(codec, H1ServerCodec) or not ev.end_stream:
+            return False   # serve it as HTTP/1.1 (RFC: the upgrade is optional)
+        rest = codec.take_rest()
+        head = ev.head
+        for name in ("upgrade", "http2-settings"):
+            head.headers.remove(name)
+        try:
+            h2 = H2ServerCodec.from_upgrade(settings, head, ev.end_stream)
+        except Exception:   # a malformed HTTP2-Settings: serve as HTTP/1.1
+            log.debug("bad HTTP2-Settings; not upgrading", exc_info=True)
+            return False
+        assert self.transport is not None
+        self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nconnection: Upgrade\r\n"
+                             b"upgrade: h2c\r\n\r\n")
+        self.codec = h2
+        self.h1 = False
+        self.hcm.stats.inc(self.hcm.s["downstream_cx_http2_total"])
+        events = h2.initial_events() if hasattr(h2, "initial_events") else []
+        if rest:
+            events += h2.receive(rest)
+        self._dispatch(events)
+        self.flush()
+        return True
+
+    def _protocol_error(self, ev: ProtocolError) -> None:
+        self.hcm.stats.inc(self.hcm.s["downstream_cx_protocol_error"])
+        s = self.streams.get(ev.stream) if ev.stream else None
+        if s is None and len(self.streams) == 1 and self.h1:
+            s = next(iter(self.streams.values()))
+        if ev.status and (s is None or not s.response_started):
+            if s is None:
+                s = _Stream.for_error(self, ev)
+            s.info.response_flags.add("DPE")
+            s.local_reply(ev.status, "Bad Request" if ev.status == 400 else "",
+                          details=ev.details, close=True)
+        else:
+            for st in list(self.streams.values()):
+                st.downstream_reset("DPE")
+        self.close()
+
+    # ------------------------------------------------------------------ used by streams
+
+    def flush(self) -> None:
+        if self.codec is None or self.transport is None:
+            return
+        out = self.codec.data_to_send()
+        if out and not self.transport.is_closing():
+            self.transport.write(out)
+
+    def stream_done(self, s: _Stream) -> None:
+        if self.streams.get(s.id) is s:
+            del self.streams[s.id]
+        codec = self.codec
+        if codec is None:
+            return
+        if self.h1:
+            if not codec.keep_alive or self.closing:
+                self.flush()
+                self.close()
+                return
+            resume = getattr(codec, "resume", None)
+            if resume is not None:
+                self._dispatch(resume())
+                self.flush()
+            if not self.streams and not self.closing:
+                self._arm_idle()
+                if self.read_paused:
+                    self.resume_reading()
+        elif not self.streams:
+            if self.closing_after_streams:
+                self.close()
+            else:
+                self._arm_idle()
+
+    def pause_reading(self) -> None:
+        if not self.read_paused and self.transport is not None and not self.closing:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused and self.transport is not None and not self.closing:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.closing and self.transport is None:
+            return
+        self.closing = True
+        self._cancel_timers()
+        if self.transport is not None:
+            if self.codec is not None and not self.h1:
+                with contextlib.suppress(Exception):
+                    self.codec.close()
+                    self.flush()
+            self.transport.close()
+        elif not self.closed.done():
+            self.closed.set_result(None)
+
+    def abort(self) -> None:
+        self.closing = True
+        for s in list(self.streams.values()):
+            s.downstream_reset("DC")
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ------------------------------------------------------------------ timers
+
+    def _arm_idle(self) -> None:
+        timeout = self.hcm.config.idle_timeout
+        if timeout:
+            self._cancel_idle()
+            self._idle = self.loop.call_later(timeout, self._idle_expired)
+
+    def _cancel_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _idle_expired(self) -> None:
+        self._idle = None
+        if not self.streams:
+            self.close()
+
+    def _headers_timeout(self) -> None:
+        """``request_headers_timeout``: the first request's head did not arrive in time
+        (slowloris). Envoy answers 408 on HTTP/1."""
+        self._headers_timer = None
+        if self.streams or self.closing:
+            return
+        self.hcm.stats.inc(self.hcm.s["downstream_rq_timeout"])
+        if self.h1:
+            if self.codec is None:
+                from remora.proxy.http.h1 import H1ServerCodec
+                self.codec = H1ServerCodec()
+            s = _Stream.for_error(self, ProtocolError(408, "request_header_timeout"))
+            s.local_reply(408, "request timeout", details="request_header_timeout", close=True)
+        self.close()
+
+    def _cancel_timers(self) -> None:
+        self._cancel_idle()
+        if self._headers_timer is not None:
+            self._headers_timer.cancel()
+            self._headers_timer = None
+
+
+class _Stream:
+    """One request/response exchange on a downstream connection."""
+
+    def __init__(self, conn: _Downstream, ev: RequestHeaders, *, run: bool = True) -> None:
+        self.conn = conn
+        self.hcm = conn.hcm
+        self.id = ev.stream
+        self.head = ev.head
+        self.request_complete = ev.end_stream
+        self.expect_continue = ev.expect_continue
+        self.upgrade = ev.upgrade
+        self.trailers: HeaderMap | None = None
+        self.body: list[bytes] = []          # request body retained for retries / not sent
+        self.body_size = 0
+        self.retry_ok = True                 # the whole body is still retained
+        self.sent_upto = 0                   # body chunks of self.body the attempt has
+        self.attempt: _Attempt | None = None
+        self.response_started = False
+        self.response_done = False
+        self.task: asyncio.Task[None] | None = None
+        self.start_mono = conn.loop.time()
+        rec = conn.record
+        self.info = StreamInfo(
+            start_time=time.time(), protocol=ev.head.protocol, request=ev.head,
+            downstream_local_address=_addr_text(rec.downstream_local),
+            downstream_remote_address=_addr_text(rec.downstream_remote),
+        )
+        self.route: rt.Route | None = None
+        self.vhost: rt.VirtualHost | None = None
+        self.weight: rt.ClusterWeight | None = None
+        self.router_config = self.hcm.config.router
+        self.cluster: UpstreamCluster | None = None
+        self.peer: Mapping[str, str] = {}
+        self.finished = False
+
+    @classmethod
+    def for_error(cls, conn: _Downstream, ev: ProtocolError) -> _Stream:
+        head = RequestHead(method="-", path="", protocol="HTTP/1.1")
+        s = cls(conn, RequestHeaders(stream=ev.stream or 1, head=head, end_stream=True))
+        s.info.request = None
+        conn.streams[s.id] = s
+        return s
+
+    # ------------------------------------------------------------------ downstream events
+
+    def start(self) -> None:
+        hcm = self.hcm
+        st, s = hcm.stats, hcm.s
+        st.inc(s["downstream_rq_total"])
+        st.inc(s["downstream_rq_http2_total" if self.head.protocol == "HTTP/2"
+                 else "downstream_rq_http1_total"])
+        st.gauge_add(s["downstream_rq_active"], 1)
+        self.task = self.conn.loop.create_task(self._run())
+
+    def request_body(self, data: bytes) -> None:
+        self.info.bytes_received += len(data)
+        a = self.attempt
+        if a is not None and a.sid and not a.done:
+            a.conn.send_body(a.sid, data)
+            if not self.conn.h1:
+                self._consumed(len(data))
+            if self.retry_ok:
+                self._retain(data, sent=True)
+            if a.conn.blocked(a.sid):
+                self._pause_source()
+            return
+        self._retain(data, sent=False)
+        if self.body_size > BUFFER_LIMIT:
+            self._pause_source()
+
+    def _retain(self, data: bytes, *, sent: bool) -> None:
+        if not sent or self.retry_ok:
+            self.body.append(data)
+            self.body_size += len(data)
+            if sent:
+                self.sent_upto = len(self.body)
+        if self.body_size > BUFFER_LIMIT and sent:
+            # Too big to replay: no more retries, and free what was kept (Envoy: retry
+            # buffer overflow disables retries for this request).
+            self.retry_ok = False
+            self.body = []
+            self.sent_upto = 0
+
+    def request_end(self, trailers: HeaderMap | None) -> None:
+        self.request_complete = True
+        self.trailers = trailers
+        a = self.attempt
+        if a is not None and a.sid and not a.done:
+            a.conn.send_end(a.sid, trailers)
+
+    def _consumed(self, n: int) -> None:
+        codec = self.conn.codec
+        if codec is not None:
+            codec.consumed(self.id, n)
+
+    def _pause_source(self) -> None:
+        self.conn.pause_reading()
+
+    def upstream_writable(self, writable: bool) -> None:
+        if writable:
+            self.conn.resume_reading()
+        else:
+            self.conn.pause_reading()
+
+    def downstream_writable(self, writable: bool) -> None:
+        a = self.attempt
+        if a is None:
+            return
+        if writable and (self.conn.codec is None or self.conn.codec.buffered(self.id) == 0):
+            a.conn.resume_reading()
+        elif not writable:
+            a.conn.pause_reading()
+
+    def downstream_reset(self, flag: str) -> None:
+        """The client went away (or reset the stream) before the exchange finished."""
+        if self.finished:
+            return
+        self.info.response_flags.add(flag)
+        if not self.info.response_code_details:
+            self.info.response_code_details = ("downstream_remote_disconnect" if flag == "DC"
+                                               else "codec_error")
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        else:
+            self._finish()
+
+    # ------------------------------------------------------------------ the request path
+
+    async def _run(self) -> None:
+        try:
+            await self._process()
+        except asyncio.CancelledError:
+            if self.attempt is not None:
+                self.attempt.abandon()
+            if not self.finished and not self.info.response_flags:
+                self.info.response_flags.add("DC")
+        except Exception:
+            log.exception("[C%d] stream %d failed", self.conn.record.cid, self.id)
+            if not self.response_started:
+                self.local_reply(500, "internal error", details="internal_error")
+            else:
+                self._reset_downstream()
+        finally:
+            self._finish()
+
+    async def _process(self) -> None:
+        hcm, cfg = self.hcm, self.hcm.config
+        head = self.head
+        self._mutate_request_headers()
+        rc = cfg.route_config
+        route = None
+        vh = None
+        if rc is not None:
+            vh = rt.select_virtual_host(rc, head.authority)
+            if vh is not None:
+                route = rt.match_route(vh, head)
+        self.vhost, self.route = vh, route
+        if route is None:
+            hcm.stats.inc(hcm.s["no_route"])
+            self.info.response_flags.add("NR")
+            self.local_reply(404, "", details="route_not_found")
+            return
+        self.info.route_name = route.name
+        if route.direct_response is not None:
+            hcm.stats.inc(hcm.s["rq_direct_response"])
+            dr = route.direct_response
+            self.local_reply(dr.status, dr.body.decode("latin-1"), details="direct_response",
+                             direct=True)
+            return
+        if route.redirect is not None:
+            hcm.stats.inc(hcm.s["rq_redirect"])
+            status, location = rt.redirect_response(route.redirect, head, route.match)
+            self.local_reply(status, "", details="direct_response", direct=True,
+                             extra=(("location", location),))
+            return
+        if self.upgrade and not cfg.upgrade_enabled(self.upgrade, route):
+            hcm.stats.inc(hcm.s["downstream_rq_ws_on_non_ws_route"])
+            self.local_reply(403, "", details="upgrade_failed")
+            return
+        action = route.route
+        assert action is not None and rc is not None and vh is not None
+        name, weight = rt.route_cluster(action, head, hcm.ctx.rng)
+        self.weight = weight
+        fault = self._fault(rc, vh, route, weight, name)
+        if fault is not None:
+            delay, abort, grpc_status = fault
+            if delay:
+                self.info.response_flags.add("DI")
+                await asyncio.sleep(delay)
+            if abort is not None or grpc_status is not None:
+                self.info.response_flags.add("FI")
+                extra: tuple[tuple[str, str], ...] = ()
+                status = abort or 200
+                if grpc_status is not None:
+                    extra = (("grpc-status", str(grpc_status)),
+                             ("grpc-message", "fault filter abort"))
+                self.local_reply(status, "fault filter abort", details="fault_filter_abort",
+                                 extra=extra)
+                return
+        cluster = hcm.ctx.clusters.get(name) if name else None
+        if cluster is None:
+            hcm.stats.inc(hcm.s["no_cluster"])
+            self.info.response_flags.add("NC")
+            self.local_reply(action.cluster_not_found_response_code or 503, "",
+                             details="cluster_not_found")
+            return
+        self.cluster = cluster
+        self.info.upstream_cluster = cluster.name
+        self.info.upstream_cluster_stat = cluster.config.observability_name
+        rt.finalize_request(rc, vh, route, head, cluster=weight,
+                            insert_original_path=not self.router_config.suppress_envoy_headers)
+        for policy in action.request_mirror_policies:
+            self._mirror(policy)
+        await _Router(self, cluster, action, rt.effective_retry_policy(vh, route)).run()
+
+    def _mutate_request_headers(self) -> None:
+        """Envoy's ``ConnectionManagerUtility::mutateRequestHeaders`` for a sidecar."""
+        cfg = self.hcm.config
+        h = self.head.headers
+        if cfg.use_remote_address:
+            remote = self.conn.record.downstream_remote
+            if remote is not None and not cfg.skip_xff_append:
+                xff = h.get("x-forwarded-for")
+                h.set("x-forwarded-for", f"{xff},{remote.address}" if xff else remote.address)
+            h.set("x-forwarded-proto", self.head.scheme)
+        elif "x-forwarded-proto" not in h:
+            h.add("x-forwarded-proto", self.head.scheme or "http")
+        if cfg.generate_request_id and "x-request-id" not in h:
+            h.add("x-request-id", str(uuid.uuid4()))
+        if cfg.via:
+            via = h.get("via")
+            h.set("via", f"{via}, {cfg.via}" if via else cfg.via)
+
+    def _fault(self, rc: rt.RouteConfiguration, vh: rt.VirtualHost, route: rt.Route,
+               weight: rt.ClusterWeight | None, cluster: str,
+               ) -> tuple[float | None, int | None, int | None] | None:
+        fault = rt.route_fault(route, self.hcm.config, vh=vh, rc=rc, cluster=weight)
+        if fault is None:
+            return None
+        delay, abort, grpc = rt.fault_decision(fault, self.head, self.hcm.ctx.rng,
+                                               cluster=cluster)
+        if not delay and abort is None and grpc is None:
+            return None
+        return delay, abort, grpc
+
+    def _mirror(self, policy: Any) -> None:
+        cluster = self.hcm.ctx.clusters.get(policy.cluster)
+        if cluster is None or not rt.mirror_selected(policy, self.hcm.ctx.rng):
+            return
+        head = self.head.copy()
+        auth = head.authority
+        host, sep, port = auth.rpartition(":") if ":" in auth and not auth.endswith("]") \
+            else (auth, "", "")
+        head.authority = f"{host}-shadow{sep}{port}" if sep else f"{auth}-shadow"
+        stream = self
+
+        async def shadow() -> None:
+            with contextlib.suppress(Exception):
+                await _shadow_request(stream.hcm, cluster, head, stream)
+        self.conn.loop.create_task(shadow())
+
+    # ------------------------------------------------------------------ responses
+
+    def send_response_headers(self, head: ResponseHead, end_stream: bool) -> None:
+        codec = self.conn.codec
+        if codec is None or self.conn.closing:
+            return
+        self._response_headers(head)
+        self.response_started = True
+        self.info.response = head
+        self.info.response_code = head.status
+        self.info.response_duration = self.conn.loop.time() - self.start_mono
+        codec.send_headers(self.id, head, end_stream)
+        self.conn.flush()
+        if end_stream:
+            self.response_done = True
+
+    def _response_headers(self, head: ResponseHead) -> None:
+        cfg = self.hcm.config
+        h = head.headers
+        mode = cfg.server_header_transformation
+        if mode == "OVERWRITE" or (mode == "APPEND_IF_ABSENT" and "server" not in h):
+            h.set("server", cfg.server_name)
+        if self.route is not None and self.vhost is not None and cfg.route_config is not None:
+            rt.apply_response_headers(cfg.route_config, self.vhost, self.route, head,
+                                      request=self.head, cluster=self.weight)
+        hook = getattr(self.hcm, "response_hook", None)
+        if hook is not None:
+            hook(self, head)
+
+    def send_body(self, data: bytes) -> None:
+        codec = self.conn.codec
+        if codec is None or self.conn.closing:
+            return
+        self.info.bytes_sent += len(data)
+        codec.send_body(self.id, data)
+        self.conn.flush()
+        if self.conn.write_paused or codec.buffered(self.id):
+            a = self.attempt
+            if a is not None:
+                a.conn.pause_reading()
+
+    def send_end(self, trailers: HeaderMap | None) -> None:
+        codec = self.conn.codec
+        self.response_done = True
+        if trailers is not None:
+            self.info.response_trailers = trailers
+        if codec is None or self.conn.closing:
+            return
+        codec.send_end(self.id, trailers)
+        self.conn.flush()
+
+    def local_reply(self, status: int, body: str, *, details: str, direct: bool = False,
+                    close: bool = False, extra: tuple[tuple[str, str], ...] = ()) -> None:
+        """An Envoy-generated response (``content-type: text/plain``, ``date``, ``server``);
+        after a response has started, the stream is reset instead."""
+        self.info.response_code_details = details
+        if self.response_started:
+            self._reset_downstream()
+            return
+        data = body.encode()
+        headers = HeaderMap.trusted([])
+        if data or not direct:
+            headers.add("content-length", str(len(data)))
+        if data:
+            headers.add("content-type", "text/plain")
+        for k, v in extra:
+            headers.add(k, v)
+        headers.add("date", http_date())
+        if close and self.conn.h1:
+            headers.add("connection", "close")
+        head = ResponseHead(status=status, headers=headers, protocol=self.head.protocol)
+        bodyless = self.head.method == "HEAD" or not data
+        self.send_response_headers(head, bodyless)
+        if not bodyless:
+            self.send_body(data)
+            self.send_end(None)
+        if close:
+            self.conn.closing_after_streams = True
+
+    def _reset_downstream(self) -> None:
+        codec = self.conn.codec
+        self.hcm.stats.inc(self.hcm.s["downstream_rq_tx_reset"])
+        if codec is not None:
+            codec.reset(self.id)
+            self.conn.flush()
+        if self.conn.h1:
+            self.conn.close()
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        hcm = self.hcm
+        st, s = hcm.stats, hcm.s
+        st.gauge_add(s["downstream_rq_active"], -1)
+        code = self.info.response_code
+        if code:
+            st.inc(s["downstream_rq_completed"])
+            if code >= 100:
+                st.inc(s[f"downstream_rq_{min(code // 100, 5)}xx"])
+        if not self.response_done and self.response_started:
+            self._reset_downstream()
+        self.info.duration = self.conn.loop.time() - self.start_mono
+        for cb in hcm.ctx.on_complete:
+            try:
+                cb(self.info, hcm, self.peer)
+            except Exception:
+                log.exception("access log / stats hook failed")
+        self.conn.stream_done(self)
+
+
+class _Attempt:
+    """One try of the router on one upstream connection (pool :class:`StreamCallbacks`)."""
+
+    def __init__(self, stream: _Stream, conn: UpstreamConnection, host: Host,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.stream = stream
+        self.conn = conn
+        self.host = host
+        self.sid = 0
+        self.headers: asyncio.Future[tuple[str, Any]] = loop.create_future()
+        self.complete: asyncio.Future[str] = loop.create_future()
+        self.committed = False
+        self.done = False
+        self.early: list[bytes] = []
+        self.early_end: tuple[HeaderMap | None] | None = None
+        self.start = loop.time()
+        self.loop = loop
+        self.status = 0
+
+    def on_informational(self, head: ResponseHead) -> None:
+        s = self.stream
+        if head.status == 100 and s.hcm.config.proxy_100_continue and not s.response_started:
+            codec = s.conn.codec
+            if codec is not None:
+                codec.send_informational(s.id, head)
+                s.conn.flush()
+
+    def on_headers(self, head: ResponseHead, end_stream: bool) -> None:
+        self.status = head.status
+        if not self.headers.done():
+            self.headers.set_result(("headers", (head, end_stream)))
+
+    def on_body(self, data: bytes) -> None:
+        if self.committed:
+            self.stream.send_body(data)
+            self.conn.consumed(self.sid, len(data))
+        else:
+            self.early.append(data)
+
+    def on_end(self, trailers: HeaderMap | None) -> None:
+        if self.committed:
+            self.stream.send_end(trailers)
+            self._complete("ok")
+        else:
+            self.early_end = (trailers,)
+
+    def on_reset(self, reason: str, *, refused: bool) -> None:
+        self.done = True
+        if not self.headers.done():
+            self.headers.set_result(("reset", (reason, refused)))
+        elif self.committed:
+            self._complete("reset:" + reason)
+        else:
+            # Reset between the headers and the commit decision: the body is incomplete.
+            self.early_end = None
+            self._complete("reset:" + reason)
+
+    def on_upstream_writable(self, writable: bool) -> None:
+        self.stream.upstream_writable(writable)
+
+    def _complete(self, how: str) -> None:
+        self.done = True
+        if not self.complete.done():
+            self.complete.set_result(how)
+
+    def commit(self, head: ResponseHead, end_stream: bool) -> None:
+        """This response goes downstream."""
+        s = self.stream
+        self.committed = True
+        if end_stream:
+            s.send_response_headers(head, True)
+            self._complete("ok")
+            return
+        s.send_response_headers(head, False)
+        for chunk in self.early:
+            s.send_body(chunk)
+            self.conn.consumed(self.sid, len(chunk))
+        self.early = []
+        if self.early_end is not None:
+            s.send_end(self.early_end[0])
+            self._complete("ok")
+
+    def abandon(self) -> None:
+        if not self.done:
+            self.done = True
+            self.conn.abandon(self.sid)
+        if not self.headers.done():
+            self.headers.cancel()
+
+
+_RETRY_STATUS_5XX = range(500, 600)
+_GATEWAY = (502, 503, 504)
+
+
+class _Router:
+    """``envoy.filters.http.router`` for one stream."""
+
+    def __init__(self, stream: _Stream, cluster: UpstreamCluster, action: rt.RouteAction,
+                 policy: rt.RetryPolicy | None) -> None:
+        self.s = stream
+        self.cluster = cluster
+        self.action = action
+        self.ctx = stream.hcm.ctx
+        self.state = self.ctx.state(cluster)
+        self.policy = policy
+        self.timeouts = rt.final_timeouts(
+            action, policy, stream.head,
+            respect_expected_rq_timeout=stream.router_config.respect_expected_rq_timeout)
+        self.retry_on: frozenset[str] = (frozenset(self.policy.retry_on)
+                                         if self.policy is not None else frozenset())
+        self.retries_left = self.policy.num_retries if self.policy is not None else 0
+        self.tried: list[Host] = []
+        self.loop = stream.conn.loop
+
+    def _protocol(self) -> str:
+        p = self.cluster.config.http_protocol
+        if p == "HTTP2" or (p == "DOWNSTREAM" and self.s.head.protocol == "HTTP/2"):
+            return "HTTP/2"
+        return "HTTP/1.1"
+
+    async def run(self) -> None:
+        s = self.s
+        timeout = self.timeouts.global_
+        deadline = self.loop.time() + timeout if timeout else None
+        expected = self.timeouts.expected
+        if expected and not s.router_config.suppress_envoy_headers:
+            s.head.headers.set("x-envoy-expected-rq-timeout-ms", str(int(expected * 1000)))
+        st = self.state
+        stats = self.ctx.stats
+        if st.active_requests >= st.max_requests:
+            stats.inc(st.s["upstream_rq_pending_overflow"])
+            self._fail("UO", 503, f"{RESET_BEFORE} reset reason: overflow",
+                       "upstream_reset_before_response_started{overflow}", overloaded=True)
+            return
+        st.active_requests += 1
+        try:
+            await self._attempts(deadline)
+        finally:
+            st.active_requests -= 1
+
+    async def _attempts(self, deadline: float | None) -> None:
+        s, info = self.s, self.s.info
+        attempt_no = 0
+        last_reason = ""
+        retried = False
+        stats, st = self.ctx.stats, self.state
+        while True:
+            attempt_no += 1
+            info.attempt_count = attempt_no
+            host = self._pick()
+            if host is None:
+                stats.inc(self.cluster.stat("upstream_cx_none_healthy"))
+                info.response_flags.add("UH")
+                s.local_reply(503, "no healthy upstream", details="no_healthy_upstream")
+                return
+            info.upstream_host = str(host.address)
+            self.tried.append(host)
+            outcome, value, attempt = await self._try(host, attempt_no, deadline)
+            if outcome == "response":
+                head, end_stream = value
+                if (self._retriable_status(head.status) and self._may_retry()):
+                    assert attempt is not None
+                    attempt.abandon()
+                    self._report(host, head.status)
+                    retried = True
+                    await self._backoff(attempt_no, deadline)
+                    continue
+                assert attempt is not None
+                await self._forward(attempt, head, end_stream, host, deadline)
+                if retried:
+                    stats.inc(st.s["upstream_rq_retry_success"])
+                return
+            if outcome == "global_timeout":
+                stats.inc(st.s["upstream_rq_timeout"])
+                info.response_flags.add("UT")
+                self._report(host, 504)
+                s.local_reply(504, "upstream request timeout",
+                              details="upstream_response_timeout")
+                return
+            if outcome == "overflow":
+                self._fail("UO", 503, f"{RESET_BEFORE} reset reason: overflow",
+                           "upstream_reset_before_response_started{overflow}", overloaded=True)
+                return
+            # connect failure, reset before response, per-try timeout
+            flag, reason, refused = value
+            last_reason = reason
+            self._report(host, 504 if flag == "UT" else 503)
+            if self._retriable_failure(flag, refused) and self._may_retry():
+                retried = True
+                await self._backoff(attempt_no, deadline)
+                continue
+            if retried:
+                info.response_flags.add("URX")
+            if flag == "UT":
+                info.response_flags.add("UT")
+                s.local_reply(504, "upstream request timeout",
+                              details="upstream_per_try_timeout")
+                return
+            info.response_flags.add(flag)
+            text = (f"{RESET_BEFORE} retried and the latest reset reason: {last_reason}"
+                    if retried else f"{RESET_BEFORE} reset reason: {last_reason}")
+            detail_reason = last_reason.replace(" ", "_").split(",_transport")[0]
+            if flag == "UF":
+                detail_reason = "connection_failure"
+                info.upstream_transport_failure_reason = last_reason.split(
+                    "transport failure reason: ", 1)[-1]
+            s.local_reply(503, text,
+                          details=f"upstream_reset_before_response_started{{{detail_reason}}}")
+            return
+
+    def _pick(self) -> Host | None:
+        policy = self.policy
+        attempts = (policy.host_selection_retry_max_attempts
+                    if policy is not None and policy.previous_hosts else 1)
+        host = None
+        for _ in range(max(1, attempts)):
+            host = self.cluster.pick(self.s.conn.record.downstream_local
+                                     if self.cluster.original_dst else None)
+            if host is None or host not in self.tried:
+                return host
+        return host
+
+    def _retriable_status(self, status: int) -> bool:
+        on = self.retry_on
+        if "5xx" in on and status >= 500:
+            return True
+        if "gateway-error" in on and status in _GATEWAY:
+            return True
+        if "retriable-4xx" in on and status == 409:
+            return True
+        return bool("retriable-status-codes" in on and self.policy is not None
+                    and status in self.policy.retriable_status_codes)
+
+    def _retriable_failure(self, flag: str, refused: bool) -> bool:
+        on = self.retry_on
+        if flag == "UF":
+            return bool(on & {"connect-failure", "5xx", "gateway-error", "reset"})
+        if flag == "UT":   # per-try timeout
+            return bool(on & {"5xx", "gateway-error", "reset"})
+        if refused and ("refused-stream" in on or "reset-before-request" in on):
+            return True
+        return bool(on & {"5xx", "gateway-error", "reset", "reset-before-request"}
+                    if flag in ("UC", "UR") else set())
+
+    def _may_retry(self) -> bool:
+        if self.retries_left <= 0 or not self.s.retry_ok or self.s.response_started:
+            return False
+        st = self.state
+        if st.active_retries >= st.max_retries:
+            self.ctx.stats.inc(st.s["upstream_rq_retry_overflow"])
+            return False
+        self.retries_left -= 1
+        self.ctx.stats.inc(st.s["upstream_rq_retry"])
+        return True
+
+    async def _backoff(self, attempt_no: int, deadline: float | None) -> None:
+        """Envoy's fully jittered exponential back-off: a random time in
+        [0, base·2^(n-1)), capped at max (base 25 ms, max 10× base)."""
+        policy = self.policy
+        base = policy.back_off_base if policy is not None else 0.025
+        cap = policy.back_off_max if policy is not None else 0.25
+        ceiling = min(base * (2 ** (attempt_no - 1)), cap)
+        delay = self.ctx.rng.random() * ceiling
+        if deadline is not None:
+            delay = min(delay, max(0.0, deadline - self.loop.time()))
+        st = self.state
+        st.active_retries += 1
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            st.active_retries -= 1
+
+    def _report(self, host: Host, status: int) -> None:
+        od = self.state.outlier
+        if od is not None:
+            od.result(host, status)
+        hs = host.stats
+        if status >= 500:
+            hs["rq_error"] += 1
+        else:
+            hs["rq_success"] += 1
+
+    def _fail(self, flag: str, status: int, body: str, details: str, *,
+              overloaded: bool = False) -> None:
+        self.s.info.response_flags.add(flag)
+        extra = (("x-envoy-overloaded", "true"),) if overloaded else ()
+        self.s.local_reply(status, body, details=details, extra=extra)
+
+    async def _try(self, host: Host, attempt_no: int, deadline: float | None,
+                   ) -> tuple[str, Any, _Attempt | None]:
+        s = self.s
+        pool = self.state.pool(host, self._protocol())
+        per_try = self.timeouts.per_try or None
+        limit = None
+        now = self.loop.time()
+        if deadline is not None:
+            limit = deadline - now
+        if per_try:
+            limit = per_try if limit is None else min(limit, per_try)
+        per_try_binding = bool(per_try and (deadline is None or now + per_try < deadline))
+        try:
+            async with asyncio.timeout(limit):
+                try:
+                    conn = await pool.acquire()
+                except UpstreamError as exc:
+                    if exc.flag == "UO":
+                        return "overflow", None, None
+                    return "failure", ("UF", f"connection failure, transport failure reason: "
+                                             f"{exc.detail}", False), None
+                attempt = _Attempt(s, conn, host, self.loop)
+                s.attempt = attempt
+                self._start_request(attempt, attempt_no, host)
+                outcome, value = await attempt.headers
+        except TimeoutError:
+            a = s.attempt
+            if a is not None and a.host is host:
+                a.abandon()
+            if per_try_binding:
+                self.ctx.stats.inc(self.state.s["upstream_rq_per_try_timeout"])
+                return "failure", ("UT", "per try timeout", False), None
+            return "global_timeout", None, None
+        if outcome == "reset":
+            reason, refused = value
+            self.ctx.stats.inc(self.state.s["upstream_rq_rx_reset"])
+            flag = "UC" if reason == "connection termination" else "UR"
+            return "failure", (flag, reason, refused), None
+        return "response", value, attempt
+
+    def _start_request(self, attempt: _Attempt, attempt_no: int, host: Host) -> None:
+        s = self.s
+        head = s.head
+        if s.vhost is not None and s.vhost.include_request_attempt_count:
+            head.headers.set("x-envoy-attempt-count", str(attempt_no))
+        hook = getattr(s.hcm, "request_hook", None)
+        if hook is not None:
+            hook(s, head)
+        upstream_head = head
+        if head.protocol != "HTTP/2" and self._protocol() == "HTTP/2":
+            upstream_head = head.copy()
+            upstream_head.protocol = "HTTP/2"
+        st, cst = self.ctx.stats, self.cluster
+        st.inc(cst.stat("upstream_rq_total"))
+        st.gauge_add(cst.stat("upstream_rq_active"), 1)
+        host.stats["rq_total"] += 1
+        host.stats["rq_active"] += 1
+        attempt.complete.add_done_callback(lambda _f: self._rq_done(host))
+        body = s.body[: s.sent_upto] if s.retry_ok else []
+        pending = s.body[s.sent_upto:] if s.retry_ok else s.body
+        end_now = s.request_complete and not body and not pending
+        attempt.sid = attempt.conn.open_stream(attempt, upstream_head, end_now)
+        s.info.upstream_local_address = attempt.conn.local_address
+        for chunk in (*body, *pending):
+            attempt.conn.send_body(attempt.sid, chunk)
+        if pending:
+            if not s.conn.h1:
+                s._consumed(sum(len(c) for c in pending))
+            if not s.retry_ok:
+                s.body = []
+            s.sent_upto = len(s.body)
+            s.conn.resume_reading()
+        if s.request_complete and not end_now:
+            attempt.conn.send_end(attempt.sid, s.trailers)
+
+    def _rq_done(self, host: Host) -> None:
+        host.stats["rq_active"] -= 1
+        self.ctx.stats.gauge_add(self.cluster.stat("upstream_rq_active"), -1)
+
+    async def _forward(self, attempt: _Attempt, head: ResponseHead, end_stream: bool,
+                       host: Host, deadline: float | None) -> None:
+        s = self.s
+        self._report(host, head.status)
+        st = self.ctx.stats
+        code = head.status
+        st.inc(self.state.s["upstream_rq_completed"])
+        if 200 <= code < 600:
+            st.inc(self.state.s[f"upstream_rq_{code // 100}xx"])
+        st.inc(f"{self.state.scope}upstream_rq_{code}")
+        s.info.response_code_details = "via_upstream"
+        head.headers.set("x-envoy-upstream-service-time",
+                         str(int((self.loop.time() - attempt.start) * 1000)))
+        attempt.commit(head, end_stream)
+        if not attempt.complete.done():
+            limit = None if deadline is None else max(0.0, deadline - self.loop.time())
+            try:
+                async with asyncio.timeout(limit):
+                    how = await attempt.complete
+            except TimeoutError:
+                st.inc(self.state.s["upstream_rq_timeout"])
+                s.info.response_flags.add("UT")
+                attempt.abandon()
+                s._reset_downstream()
+                return
+        else:
+            how = attempt.complete.result()
+        if how.startswith("reset:"):
+            s.info.response_flags.add("UC" if "termination" in how else "UR")
+            s.info.response_code_details = "upstream_reset_after_response_started{" + \
+                how[6:].replace(" ", "_") + "}"
+            s._reset_downstream()
+
+
+async def _shadow_request(hcm: HttpConnectionManager, cluster: UpstreamCluster,
+                          head: RequestHead, stream: _Stream) -> None:
+    """Request mirroring: the same request to another cluster; the answer is dropped."""
+    # Wait for the whole request body (mirrors need it) while it is retained.
+    for _ in range(1000):
+        if stream.request_complete or not stream.retry_ok:
+            break
+        await asyncio.sleep(0.01)
+    if not stream.retry_ok:
+        return
+    state = hcm.ctx.state(cluster)
+    host = cluster.pick(None)
+    if host is None:
+        return
+    proto = "HTTP/2" if cluster.config.http_protocol == "HTTP2" else "HTTP/1.1"
+    conn = await state.pool(host, proto).acquire()
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    class _Sink:
+        def on_informational(self, head: ResponseHead) -> None: ...
+
+        def on_headers(self, head: ResponseHead, end_stream: bool) -> None:
+            if end_stream and not done.done():
+                done.set_result(None)
+
+        def on_body(self, data: bytes) -> None:
+            conn.consumed(sid, len(data))
+
+        def on_end(self, trailers: HeaderMap | None) -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def on_reset(self, reason: str, *, refused: bool) -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def on_upstream_writable(self, writable: bool) -> None: ...
+
+    body = list(stream.body)
+    sid = conn.open_stream(_Sink(), head, not body)
+    for chunk in body:
+        conn.send_body(sid, chunk)
+    if body:
+        conn.send_end(sid, None)
+    async with asyncio.timeout(30):
+        await done

@@ -1,0 +1,511 @@
+"""`remora proxy` speaking HTTP in pod namespaces with Istio's capture rules.
+
+    pod A 10.81.0.1 (client pod)          ── veth ──   pod B 10.81.0.2 (server pod)
+      capture: every port                                capture: inbound except :8080
+      sidecar A (uid 1337): outbound                     sidecar B (uid 1337): inbound :9090
+        0.0.0.0_8080 HTTP, RDS "8080"                      0.0.0.0_9090 → inbound|9090|| (h2)
+        0.0.0.0_9090 HTTP, RDS "9090" (gRPC, h2)         HTTP servers on lo :8080
+      the app runs as uid 1000                             10.3.0.10 demoappv10, .11 demoappv11
+                                                           .20 resets, .21 ok (flaky service)
+                                                           .30 answers 503, .31 ok (outliers)
+                                                         gRPC server on 10.81.0.2:9090
+
+Services are VIPs in 10.100.0.0/16 (routed towards pod B, never reached: sidecar A picks an
+endpoint). Requests go from the app as uid 1000 to a VIP with a ``Host`` header, so the one
+``0.0.0.0_8080`` listener tells services apart by host, as Istio's outbound listener does.
+Waits are on lines the processes print or on sockets; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import encodings.idna  # noqa: F401  (http.client needs it after the drop to uid 1000)
+import http.client
+import json
+import os
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from remora import netns
+from tests.conftest import require_root
+from tests.netns.conftest import PREFIX, remora_bin, remora_iptables
+
+pytestmark = [pytest.mark.privileged, pytest.mark.timeout(180)]
+
+REPO = Path(__file__).resolve().parents[2]
+POD_A, POD_B = "10.81.0.1", "10.81.0.2"
+APP_UID = 1000
+NS = "default.svc.cluster.local"
+SERVICES = {            # name → (VIP, endpoints)
+    "demoappv10": ("10.100.1.10", ["10.3.0.10"]),
+    "demoappv11": ("10.100.1.11", ["10.3.0.11"]),
+    "flaky": ("10.100.1.20", ["10.3.0.20", "10.3.0.21"]),
+    "outlier": ("10.100.1.30", ["10.3.0.30", "10.3.0.31"]),
+}
+GRPC_VIP = "10.100.2.9"
+HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3." \
+      "HttpConnectionManager"
+TCP = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+H2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+    "explicit_http_config": {"http2_protocol_options": {}}}}
+ISTIO_RETRY = {"retry_on": "connect-failure,refused-stream,unavailable,cancelled,"
+                           "retriable-status-codes",
+               "num_retries": 2, "retry_host_predicate": [
+                   {"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+                       "@type": "type.googleapis.com/envoy.extensions.retry.host."
+                                "previous_hosts.v3.PreviousHostsPredicate"}}],
+               "host_selection_retry_max_attempts": "5"}
+
+
+def _addr(ip: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": ip, "port_value": port}}
+
+
+def _tcp_chain(name: str, cluster: str, match: dict[str, Any] | None = None) -> dict[str, Any]:
+    chain: dict[str, Any] = {"name": name, "filters": [{
+        "name": "envoy.filters.network.tcp_proxy",
+        "typed_config": {"@type": TCP, "stat_prefix": cluster, "cluster": cluster}}]}
+    if match:
+        chain["filter_chain_match"] = match
+    return chain
+
+
+def _http_filters() -> list[dict[str, Any]]:
+    return [
+        {"name": "istio.stats", "typed_config": {
+            "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+            "type_url": "type.googleapis.com/stats.PluginConfig", "value": {}}},
+        {"name": "envoy.filters.http.fault", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}},
+        {"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+    ]
+
+
+def _outbound_http_listener(port: int, rds_path: str) -> dict[str, Any]:
+    """Istio's ``0.0.0.0_<port>`` outbound HTTP listener (spec §4.2)."""
+    return {
+        "name": f"0.0.0.0_{port}", "address": _addr("0.0.0.0", port), "bind_to_port": False,
+        "traffic_direction": "OUTBOUND", "continue_on_listener_filters_timeout": True,
+        "listener_filters_timeout": "0s",
+        "listener_filters": [{"name": "envoy.filters.listener.http_inspector", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3."
+                     "HttpInspector"}}],
+        "filter_chains": [{
+            "filter_chain_match": {"application_protocols": ["http/1.1", "h2c"],
+                                   "transport_protocol": "raw_buffer"},
+            "filters": [{"name": "envoy.filters.network.http_connection_manager",
+                         "typed_config": {
+                             "@type": HCM, "stat_prefix": f"outbound_0.0.0.0_{port}",
+                             "rds": {"route_config_name": str(port), "config_source": {
+                                 "path_config_source": {"path": rds_path}}},
+                             "http_filters": _http_filters(),
+                             "upgrade_configs": [{"upgrade_type": "websocket"}],
+                             "use_remote_address": False, "normalize_path": True,
+                             "stream_idle_timeout": "0s"}}]}],
+        "default_filter_chain": _tcp_chain("PassthroughFilterChain", "PassthroughCluster"),
+    }
+
+
+def _virtual_listeners() -> list[dict[str, Any]]:
+    return [
+        {"name": "virtualOutbound", "address": _addr("0.0.0.0", 15001),
+         "use_original_dst": True, "traffic_direction": "OUTBOUND",
+         "filter_chains": [
+             _tcp_chain("virtualOutbound-blackhole", "BlackHoleCluster",
+                        {"destination_port": 15001}),
+             _tcp_chain("virtualOutbound-catchall-tcp", "PassthroughCluster")]},
+    ]
+
+
+def _cluster(name: str, ips: list[str], port: int, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "type": "STATIC", "connect_timeout": "2s",
+            "lb_policy": "ROUND_ROBIN", "load_assignment": {
+                "cluster_name": name, "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": _addr(ip, port)}} for ip in ips]}]}, **extra}
+
+
+def _base_clusters() -> list[dict[str, Any]]:
+    return [
+        {"name": "PassthroughCluster", "type": "ORIGINAL_DST",
+         "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "2s"},
+        {"name": "BlackHoleCluster", "type": "STATIC", "connect_timeout": "2s"},
+    ]
+
+
+def _vhost(svc: str, port: int, route: dict[str, Any]) -> dict[str, Any]:
+    vip = SERVICES[svc][0] if svc in SERVICES else GRPC_VIP
+    fqdn = f"{svc}.{NS}"
+    return {"name": f"{fqdn}:{port}",
+            "domains": [fqdn, f"{fqdn}.", svc, f"{svc}.default.svc", f"{svc}.default", vip],
+            "routes": [route], "include_request_attempt_count": True}
+
+
+def _default_route(cluster: str, **extra: Any) -> dict[str, Any]:
+    return {"name": "default", "match": {"prefix": "/"},
+            "route": {"cluster": cluster, "timeout": "0s", "retry_policy": ISTIO_RETRY,
+                      **extra}}
+
+
+def route_configs() -> dict[str, Any]:
+    oc = {svc: f"outbound|8080||{svc}.{NS}" for svc in SERVICES}
+    vhosts = [
+        _vhost("demoappv10", 8080, _default_route(oc["demoappv10"])),
+        _vhost("demoappv11", 8080, _default_route(oc["demoappv11"])),
+        # A VirtualService: 90 % to v10, 10 % to v11.
+        {"name": f"split.{NS}:8080", "domains": ["split", f"split.{NS}"],
+         "routes": [{"name": "split", "match": {"prefix": "/"}, "route": {
+             "weighted_clusters": {"clusters": [
+                 {"name": oc["demoappv10"], "weight": 90},
+                 {"name": oc["demoappv11"], "weight": 10}]},
+             "timeout": "0s"}}]},
+        # A VirtualService with retries {attempts: 3, retryOn: reset,connect-failure}.
+        _vhost("flaky", 8080, {"name": "flaky", "match": {"prefix": "/"}, "route": {
+            "cluster": oc["flaky"], "timeout": "0s", "retry_policy": {
+                "retry_on": "reset,connect-failure", "num_retries": 3,
+                "retry_host_predicate": ISTIO_RETRY["retry_host_predicate"],
+                "host_selection_retry_max_attempts": "5"}}}),
+        _vhost("outlier", 8080, _default_route(oc["outlier"])),
+        {"name": "allow_any", "domains": ["*"], "routes": [{
+            "name": "allow_any", "match": {"prefix": "/"},
+            "route": {"cluster": "PassthroughCluster", "timeout": "0s"}}]},
+    ]
+    grpc_vhosts = [_vhost("grpc", 9090, _default_route(f"outbound|9090||grpc.{NS}"))]
+    rt = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+    return {"version_info": "1", "resources": [
+        {"@type": rt, "name": "8080", "virtual_hosts": vhosts, "validate_clusters": False,
+         "ignore_port_in_host_matching": True},
+        {"@type": rt, "name": "9090", "virtual_hosts": grpc_vhosts, "validate_clusters": False,
+         "ignore_port_in_host_matching": True},
+    ]}
+
+
+def bootstrap_a(rds_path: str) -> dict[str, Any]:
+    clusters = _base_clusters()
+    for svc, (_, ips) in SERVICES.items():
+        extra: dict[str, Any] = {}
+        if svc == "outlier":
+            extra["outlier_detection"] = {"consecutive_5xx": 1, "interval": "1s",
+                                          "base_ejection_time": "60s",
+                                          "max_ejection_percent": 50}
+        clusters.append(_cluster(f"outbound|8080||{svc}.{NS}", ips, 8080, **extra))
+    clusters.append(_cluster(f"outbound|9090||grpc.{NS}", [POD_B], 9090,
+                             typed_extension_protocol_options=H2))
+    return {
+        "node": {"id": f"sidecar~{POD_A}~client-1.default~{NS}", "cluster": "client.default",
+                 "metadata": {"NAME": "client-1", "NAMESPACE": "default",
+                              "WORKLOAD_NAME": "client", "CLUSTER_ID": "Kubernetes",
+                              "LABELS": {"app": "client", "version": "v1"}}},
+        "admin": {"address": _addr("127.0.0.1", 15000)},
+        "static_resources": {
+            "listeners": [*_virtual_listeners(), _outbound_http_listener(8080, rds_path),
+                          _outbound_http_listener(9090, rds_path)],
+            "clusters": clusters},
+    }
+
+
+def bootstrap_b() -> dict[str, Any]:
+    """Pod B's sidecar: virtualInbound with Istio's inbound HTTP chain for :9090 (§5.3)."""
+    inbound = "inbound|9090||"
+    hcm = {"@type": HCM, "stat_prefix": "inbound_0.0.0.0_9090",
+           "route_config": {"name": inbound, "validate_clusters": False, "virtual_hosts": [{
+               "name": "inbound|http|9090", "domains": ["*"], "routes": [{
+                   "name": "default", "match": {"prefix": "/"},
+                   "route": {"cluster": inbound, "timeout": "0s"},
+                   "decorator": {"operation": f"grpc.{NS}:9090/*"}}]}]},
+           "http_filters": _http_filters(), "server_name": "istio-envoy",
+           "server_header_transformation": "OVERWRITE", "use_remote_address": False}
+    return {
+        "node": {"id": f"sidecar~{POD_B}~grpc-1.default~{NS}", "cluster": "grpc.default",
+                 "metadata": {"NAME": "grpc-1", "NAMESPACE": "default",
+                              "WORKLOAD_NAME": "grpc", "CLUSTER_ID": "Kubernetes",
+                              "LABELS": {"app": "grpc", "version": "v1"}}},
+        "admin": {"address": _addr("127.0.0.1", 15000)},
+        "static_resources": {
+            "listeners": [{
+                "name": "virtualInbound", "address": _addr("0.0.0.0", 15006),
+                "traffic_direction": "INBOUND", "listener_filters_timeout": "0s",
+                "continue_on_listener_filters_timeout": True,
+                "listener_filters": [{"name": "envoy.filters.listener.original_dst",
+                                      "typed_config": {
+                                          "@type": "type.googleapis.com/envoy.extensions."
+                                                   "filters.listener.original_dst.v3."
+                                                   "OriginalDst"}}],
+                "filter_chains": [
+                    _tcp_chain("virtualInbound-blackhole", "BlackHoleCluster",
+                               {"destination_port": 15006}),
+                    {"name": "0.0.0.0_9090", "filter_chain_match": {"destination_port": 9090},
+                     "filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                  "typed_config": hcm}]}]}],
+            "clusters": [
+                *_base_clusters(),
+                {"name": inbound, "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+                 "connect_timeout": "2s",
+                 "upstream_bind_config": {"source_address": {"address": "127.0.0.6",
+                                                              "port_value": 0}},
+                 "typed_extension_protocol_options": H2},
+            ]},
+    }
+
+
+# ------------------------------------------------------------------------------ processes
+
+
+class Proc:
+    """A long-running process in a namespace that prints ``ready`` (or the proxy's ready
+    line on stderr) before it serves."""
+
+    def __init__(self, ns: netns.Netns, argv: list[str], *, ready: str, on_stderr: bool = False,
+                 env: dict[str, str] | None = None) -> None:
+        self.proc = netns.popen_in_netns(ns, argv, env=env)
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        stream = self.proc.stderr if on_stderr else self.proc.stdout
+        self._t = threading.Thread(target=self._read, args=(stream, ready), daemon=True)
+        self._t.start()
+        other = self.proc.stdout if on_stderr else self.proc.stderr
+        self._t2 = threading.Thread(target=self._drain, args=(other,), daemon=True)
+        self._t2.start()
+
+    def _read(self, stream: Any, ready: str) -> None:
+        for line in stream:
+            self.lines.append(line.rstrip("\n"))
+            if ready in line:
+                self._ready.set()
+        self._ready.set()
+
+    def _drain(self, stream: Any) -> None:
+        for line in stream:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        if not self._ready.wait(timeout) or self.proc.poll() is not None:
+            self.stop()
+            raise AssertionError("not ready:\n" + "\n".join(self.lines[-40:]))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for s in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if s is not None:
+                with contextlib.suppress(OSError):
+                    s.close()
+        self._t.join(5)
+
+
+def _tool_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+
+
+@dataclass
+class Mesh:
+    a: netns.Netns
+    b: netns.Netns
+    sidecar_a: Proc
+    sidecar_b: Proc
+    tmp: Path
+
+    def admin(self, ns: netns.Netns, path: str) -> str:
+        def get() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:15000{path}", timeout=5) as r:
+                body: bytes = r.read()
+            return body.decode()
+        return ns.call(get, timeout=15)
+
+    def stats(self, ns: netns.Netns) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for line in self.admin(ns, "/stats").splitlines():
+            name, sep, value = line.rpartition(": ")
+            if sep and value.lstrip("-").isdigit():
+                out[name] = int(value)
+        return out
+
+    def requests(self, host: str, vip: str, n: int, path: str = "/",
+                 ) -> list[tuple[int, dict[str, Any] | None, dict[str, str]]]:
+        """``n`` keep-alive GETs from the app (uid 1000) to ``vip``:8080 with ``Host: host``:
+        (status, JSON body or None, response headers) each."""
+        def run() -> list[tuple[int, dict[str, Any] | None, dict[str, str]]]:
+            os.setgroups([])
+            os.setgid(APP_UID)
+            os.setuid(APP_UID)
+            out = []
+            conn = http.client.HTTPConnection(vip, 8080, timeout=10)
+            for _ in range(n):
+                conn.request("GET", path, headers={"Host": host})
+                r = conn.getresponse()
+                body = r.read()
+                try:
+                    data = json.loads(body) if body.startswith(b"{") else None
+                except ValueError:
+                    data = None
+                out.append((r.status, data, {k.lower(): v for k, v in r.getheaders()}))
+                if r.getheader("connection", "").lower() == "close":
+                    conn.close()
+                    conn = http.client.HTTPConnection(vip, 8080, timeout=10)
+            conn.close()
+            return out
+        return self.a.call(run, timeout=60)
+
+    def hits(self, ip: str) -> int:
+        def get() -> int:
+            c = http.client.HTTPConnection(ip, 8080, timeout=5)
+            c.request("GET", "/__hits")
+            n = int(c.getresponse().read())
+            c.close()
+            return n
+        return self.b.call(get, timeout=15)
+
+
+@contextlib.contextmanager
+def make_mesh(tmp: Path) -> Iterator[Mesh]:
+    require_root()
+    with netns.netns_pair(prefix=PREFIX, a_role="httpa", b_role="httpb",
+                          a_addresses=[f"{POD_A}/24"], b_addresses=[f"{POD_B}/24"]) as pair:
+        a, b = pair.a.netns, pair.b.netns
+        for _, ips in SERVICES.values():
+            for ip in ips:
+                b.run(["ip", "addr", "add", f"{ip}/32", "dev", "lo"])
+        remora_iptables(a, "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT",
+                        "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020")
+        remora_iptables(b, "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT",
+                        "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020,8080")
+        rds = tmp / "rds.yaml"
+        rds.write_text(yaml.safe_dump(route_configs()))
+        (tmp / "a.yaml").write_text(yaml.safe_dump(bootstrap_a(str(rds))))
+        (tmp / "b.yaml").write_text(yaml.safe_dump(bootstrap_b()))
+        procs: list[Proc] = []
+        try:
+            py = [sys.executable, "-m", "tests.netns.http_tools"]
+            for name, mode, ips in (("demoappv10", "ok", ["10.3.0.10"]),
+                                    ("demoappv11", "ok", ["10.3.0.11"]),
+                                    ("flaky-reset", "reset", ["10.3.0.20"]),
+                                    ("flaky-ok", "ok", ["10.3.0.21"]),
+                                    ("outlier-bad", "fail", ["10.3.0.30"]),
+                                    ("outlier-ok", "ok", ["10.3.0.31"])):
+                args = [a for ip in ips for a in ("--listen", f"{ip}:8080")]
+                p = Proc(b, [*py, "serve", *args, "--name", name, "--mode", mode],
+                         ready="ready", env=_tool_env())
+                procs.append(p)
+            g = Proc(b, [*py, "grpc-serve", "--listen", f"{POD_B}:9090"], ready="ready",
+                     env=_tool_env())
+            procs.append(g)
+            for p in procs:
+                p.wait_ready()
+            side_a = Proc(a, [remora_bin(), "proxy", "-c", str(tmp / "a.yaml"),
+                              "--drain-time-s", "1"], ready="remora proxy ready",
+                          on_stderr=True)
+            procs.append(side_a)
+            side_b = Proc(b, [remora_bin(), "proxy", "-c", str(tmp / "b.yaml"),
+                              "--drain-time-s", "1"], ready="remora proxy ready",
+                          on_stderr=True)
+            procs.append(side_b)
+            side_a.wait_ready()
+            side_b.wait_ready()
+            yield Mesh(a=a, b=b, sidecar_a=side_a, sidecar_b=side_b, tmp=tmp)
+        finally:
+            for p in reversed(procs):
+                p.stop()
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    with make_mesh(tmp_path_factory.mktemp("http")) as m:
+        yield m
+
+
+# ------------------------------------------------------------------------------ tests
+
+
+def test_one_listener_routes_by_host(mesh: Mesh) -> None:
+    """demoappv10 and demoappv11 share port 8080: the Host header picks the service."""
+    for host, want in (("demoappv10:8080", "demoappv10"), ("demoappv11:8080", "demoappv11"),
+                       (f"demoappv10.{NS}", "demoappv10"), ("demoappv11", "demoappv11")):
+        vip = SERVICES[want][0]
+        [(status, body, headers)] = mesh.requests(host, vip, 1)
+        assert status == 200, (host, status)
+        assert body is not None and body["name"] == want, (host, body)
+        # What Envoy adds on the way (spec §9).
+        sent = body["headers"]
+        assert sent["x-forwarded-proto"] == "http"
+        assert len(sent["x-request-id"]) == 36
+        assert sent["x-envoy-attempt-count"] == "1"
+        assert "x-envoy-upstream-service-time" in headers
+        assert headers["server"] == "envoy"
+
+
+def test_host_routing_is_independent_of_the_vip(mesh: Mesh) -> None:
+    """The route comes from Host, not from the address dialled (one wildcard listener)."""
+    [(status, body, _)] = mesh.requests("demoappv11", SERVICES["demoappv10"][0], 1)
+    assert status == 200 and body is not None and body["name"] == "demoappv11"
+
+
+def test_weighted_split_90_10(mesh: Mesh) -> None:
+    got = mesh.requests("split", "10.100.1.99", 1000)
+    names = Counter(b["name"] for s, b, _ in got if s == 200 and b is not None)
+    assert sum(names.values()) == 1000
+    # Binomial(1000, 0.1): sd ≈ 9.5; ±50 is over 5 sd.
+    assert abs(names["demoappv11"] - 100) <= 50, names
+
+
+def test_retry_recovers_from_an_endpoint_that_resets(mesh: Mesh) -> None:
+    before = mesh.hits("10.3.0.20")
+    got = mesh.requests("flaky", SERVICES["flaky"][0], 20)
+    assert all(s == 200 for s, _, _ in got), [s for s, _, _ in got]
+    assert {b["name"] for _, b, _ in got if b} == {"flaky-ok"}
+    assert mesh.hits("10.3.0.20") > before, "the resetting endpoint was never tried"
+    stats = mesh.stats(mesh.a)
+    assert stats[f"cluster.outbound|8080||flaky.{NS}.upstream_rq_retry"] >= 1
+    assert stats[f"cluster.outbound|8080||flaky.{NS}.upstream_rq_retry_success"] >= 1
+
+
+def test_ejected_endpoint_stops_receiving_traffic(mesh: Mesh) -> None:
+    got = mesh.requests("outlier", SERVICES["outlier"][0], 30)
+    statuses = [s for s, _, _ in got]
+    assert statuses.count(503) <= 1, statuses       # the one before the ejection
+    bad_hits = mesh.hits("10.3.0.30")
+    assert bad_hits == 1
+    more = mesh.requests("outlier", SERVICES["outlier"][0], 20)
+    assert all(s == 200 for s, _, _ in more)
+    assert mesh.hits("10.3.0.30") == bad_hits, "an ejected endpoint received traffic"
+    clusters = mesh.admin(mesh.a, "/clusters")
+    assert (f"outbound|8080||outlier.{NS}::10.3.0.30:8080::health_flags::"
+            "/failed_outlier_check") in clusters
+
+
+def test_grpc_unary_and_streaming_through_two_sidecars(mesh: Mesh) -> None:
+    argv = ["setpriv", f"--reuid={APP_UID}", f"--regid={APP_UID}", "--clear-groups",
+            sys.executable, "-m", "tests.netns.http_tools", "grpc-call",
+            "--target", f"{GRPC_VIP}:9090", "--authority", f"grpc.{NS}:9090",
+            "--messages", "5"]
+    proc = mesh.a.run(argv, timeout=60, check=False, env=_tool_env())
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out.get("unary") == "echo:hello", out
+    assert out.get("stream") == [f"echo:m{i}" for i in range(5)], out
+    # Both sidecars carried it: outbound on A, inbound on B.
+    sa, sb = mesh.stats(mesh.a), mesh.stats(mesh.b)
+    assert sa[f"cluster.outbound|9090||grpc.{NS}.upstream_rq_total"] >= 2
+    assert sb["cluster.inbound|9090||.upstream_rq_total"] >= 2
+
+
+def test_unknown_host_passes_through_allow_any(mesh: Mesh) -> None:
+    """No service vhost: the allow_any catch-all sends it to PassthroughCluster, which
+    connects to the original destination (here the demoappv10 endpoint itself)."""
+    [(status, body, _)] = mesh.requests("nobody.example", "10.3.0.10", 1)
+    assert status == 200 and body is not None and body["name"] == "demoappv10"
