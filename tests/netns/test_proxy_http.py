@@ -81,8 +81,27 @@ def _tcp_chain(name: str, cluster: str, match: dict[str, Any] | None = None) -> 
     return chain
 
 
+# Istio's default access log format (spec §10.2, pilot/pkg/model/telemetry_logging.go).
+ISTIO_LOG_FORMAT = (
+    '[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" '
+    '%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% '
+    '"%UPSTREAM_TRANSPORT_FAILURE_REASON%" %BYTES_RECEIVED% %BYTES_SENT% %DURATION% '
+    '%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% "%REQ(X-FORWARDED-FOR)%" "%REQ(USER-AGENT)%" '
+    '"%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" "%UPSTREAM_HOST%" %UPSTREAM_CLUSTER_RAW% '
+    '%UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% '
+    '%REQUESTED_SERVER_NAME% %ROUTE_NAME%\n')
+ACCESS_LOG = [{"name": "envoy.access_loggers.file", "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+    "path": "/dev/stdout", "log_format": {"text_format_source": {
+        "inline_string": ISTIO_LOG_FORMAT}}}}]
+
+
 def _http_filters() -> list[dict[str, Any]]:
     return [
+        {"name": "istio.metadata_exchange", "typed_config": {
+            "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+            "type_url": "type.googleapis.com/io.istio.http.metadata_exchange.Config",
+            "value": {}}},
         {"name": "istio.stats", "typed_config": {
             "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
             "type_url": "type.googleapis.com/stats.PluginConfig", "value": {}}},
@@ -112,6 +131,7 @@ def _outbound_http_listener(port: int, rds_path: str) -> dict[str, Any]:
                                  "path_config_source": {"path": rds_path}}},
                              "http_filters": _http_filters(),
                              "upgrade_configs": [{"upgrade_type": "websocket"}],
+                             "access_log": ACCESS_LOG,
                              "use_remote_address": False, "normalize_path": True,
                              "stream_idle_timeout": "0s"}}]}],
         "default_filter_chain": _tcp_chain("PassthroughFilterChain", "PassthroughCluster"),
@@ -225,6 +245,7 @@ def bootstrap_b() -> dict[str, Any]:
                    "route": {"cluster": inbound, "timeout": "0s"},
                    "decorator": {"operation": f"grpc.{NS}:9090/*"}}]}]},
            "http_filters": _http_filters(), "server_name": "istio-envoy",
+           "access_log": ACCESS_LOG,
            "server_header_transformation": "OVERWRITE", "use_remote_address": False}
     return {
         "node": {"id": f"sidecar~{POD_B}~grpc-1.default~{NS}", "cluster": "grpc.default",
@@ -271,6 +292,7 @@ class Proc:
         self.proc = netns.popen_in_netns(ns, argv, env=env)
         self.lines: list[str] = []
         self._ready = threading.Event()
+        self._new_line = threading.Condition()
         stream = self.proc.stderr if on_stderr else self.proc.stdout
         self._t = threading.Thread(target=self._read, args=(stream, ready), daemon=True)
         self._t.start()
@@ -287,7 +309,21 @@ class Proc:
 
     def _drain(self, stream: Any) -> None:
         for line in stream:
-            self.lines.append(line.rstrip("\n"))
+            with self._new_line:
+                self.lines.append(line.rstrip("\n"))
+                self._new_line.notify_all()
+
+    def wait_line(self, needle: str, timeout: float = 10.0) -> str:
+        """The first line (printed so far or later) containing ``needle``."""
+        def found() -> str | None:
+            return next((ln for ln in self.lines if needle in ln), None)
+        with self._new_line:
+            if not self._new_line.wait_for(lambda: found() is not None, timeout):
+                raise AssertionError(f"no line with {needle!r}:\n" +
+                                     "\n".join(self.lines[-20:]))
+        line = found()
+        assert line is not None
+        return line
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         if not self._ready.wait(timeout) or self.proc.poll() is not None:
@@ -509,3 +545,40 @@ def test_unknown_host_passes_through_allow_any(mesh: Mesh) -> None:
     connects to the original destination (here the demoappv10 endpoint itself)."""
     [(status, body, _)] = mesh.requests("nobody.example", "10.3.0.10", 1)
     assert status == 200 and body is not None and body["name"] == "demoappv10"
+
+
+def test_access_log_in_istio_format(mesh: Mesh) -> None:
+    """The outbound sidecar writes Istio's default text format (flushed within 1 s)."""
+    [(status, body, _)] = mesh.requests("demoappv11", SERVICES["demoappv11"][0], 1,
+                                        path="/logged?x=1")
+    assert status == 200 and body is not None
+    rid = body["headers"]["x-request-id"]
+    line = mesh.sidecar_a.wait_line(rid)
+    cluster = f"outbound|8080||demoappv11.{NS}"
+    assert line.startswith("[20") and line.endswith(" default"), line
+    assert '] "GET /logged?x=1 HTTP/1.1" 200 - via_upstream - "-" 0 ' in line, line
+    assert f'"{rid}" "demoappv11" "10.3.0.11:8080" {cluster} ' in line, line
+    assert f" {SERVICES['demoappv11'][0]}:8080 {POD_A}:" in line, line
+
+
+def test_istio_metrics_name_both_workloads(mesh: Mesh) -> None:
+    """Peer metadata crossed both sidecars: the server side reports the client workload and
+    the client side the server workload, with Istio's label names."""
+    argv = ["setpriv", f"--reuid={APP_UID}", f"--regid={APP_UID}", "--clear-groups",
+            sys.executable, "-m", "tests.netns.http_tools", "grpc-call",
+            "--target", f"{GRPC_VIP}:9090", "--authority", f"grpc.{NS}:9090",
+            "--messages", "1"]
+    assert mesh.a.run(argv, timeout=60, check=False, env=_tool_env()).returncode == 0
+    b = mesh.admin(mesh.b, "/stats/prometheus")
+    a = mesh.admin(mesh.a, "/stats/prometheus")
+    dest = [ln for ln in b.splitlines() if ln.startswith("istio_requests_total{")]
+    assert dest, b[:2000]
+    assert any('reporter="destination"' in ln and 'source_workload="client"' in ln
+               and 'destination_workload="grpc"' in ln and 'request_protocol="grpc"' in ln
+               and 'response_code="200"' in ln and 'grpc_response_status="0"' in ln
+               for ln in dest), dest
+    src = [ln for ln in a.splitlines() if ln.startswith("istio_requests_total{")]
+    assert any('reporter="source"' in ln and 'source_workload="client"' in ln
+               and 'destination_workload="grpc"' in ln
+               and f'destination_service="grpc.{NS}"' in ln for ln in src), src
+    assert "# TYPE istio_request_duration_milliseconds histogram" in a

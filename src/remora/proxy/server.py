@@ -128,7 +128,8 @@ class Worker:
             snapshot.clusters, self.stats, self.rng, resolver=resolver)
         self._lstats = {li.name: _ListenerStats(self.stats, li) for li in snapshot.listeners}
         self._filters: dict[int, TcpProxyFilter | HttpConnectionManager] = {}
-        self.http = HttpContext(self.clusters, self.stats, self.rng)
+        self.http = HttpContext(self.clusters, self.stats, self.rng, node_id=snapshot.node.id,
+                                node_metadata=snapshot.node.metadata)
         for li in snapshot.listeners:
             for chain in (*li.filter_chains, *([li.default_filter_chain]
                                                if li.default_filter_chain else [])):
@@ -192,6 +193,7 @@ class Worker:
         self._fatal = loop.create_future()
         try:
             await start_clusters(self.clusters)
+            self.http.start(loop)
             for b in self._bound:
                 self._register(b, loop)
             if ready is not None:

@@ -28,9 +28,10 @@ import socket
 import time
 import typing
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
+from remora.proxy.http import accesslog, telemetry
 from remora.proxy.http import routes as rt
 from remora.proxy.http.pool import ClusterHttpState, UpstreamConnection
 from remora.proxy.http.types import (
@@ -68,8 +69,8 @@ HCM_STATS = (
     "rq_redirect", "downstream_rq_ws_on_non_ws_route",
 )
 HCM_GAUGES = ("downstream_cx_active", "downstream_rq_active")
+EXCHANGE_FILTERS = ("istio.metadata_exchange", "istio.peer_metadata")
 
-Completion = Callable[[StreamInfo, "HttpConnectionManager", Mapping[str, str]], None]
 
 
 def _addr_text(sa: SocketAddress | None) -> str:
@@ -84,13 +85,22 @@ class HttpContext:
     """What every connection manager of one worker shares."""
 
     def __init__(self, clusters: Mapping[str, UpstreamCluster], stats: Stats,
-                 rng: random.Random) -> None:
+                 rng: random.Random, *, node_id: str = "",
+                 node_metadata: Mapping[str, Any] | None = None) -> None:
         self.clusters = clusters
         self.stats = stats
         self.rng = rng
         self._states: dict[str, ClusterHttpState] = {}
-        self.on_complete: list[Completion] = []
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.writers = accesslog.AccessLogWriters()
+        # Istio's peer metadata exchange: who this workload is, sent to the other side.
+        self.local = telemetry.workload_from_node(node_metadata or {})
+        self.exchange_headers = tuple(
+            telemetry.encode_peer_metadata(self.local, node_id).items())
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.writers.arm(loop)
 
     def state(self, cluster: UpstreamCluster) -> ClusterHttpState:
         st = self._states.get(cluster.name)
@@ -102,6 +112,7 @@ class HttpContext:
     def close(self) -> None:
         for st in self._states.values():
             st.close()
+        self.writers.close()
 
 
 class HttpConnectionManager:
@@ -119,12 +130,59 @@ class HttpConnectionManager:
             ctx.stats.declare(scope + n, "counter")
         for n in HCM_GAUGES:
             ctx.stats.declare(scope + n, "gauge")
+        self.loggers = accesslog.open_access_logs(config.access_logs, ctx.writers)
+        self.istio_stats = config.filter("istio.stats") is not None
+        self.exchange = any(config.filter(n) is not None for n in EXCHANGE_FILTERS)
+        self.outbound = direction != "INBOUND"
+        self.reporter: telemetry.Reporter = "source" if self.outbound else "destination"
+
+    def request_started(self, s: _Stream) -> None:
+        """Inbound: learn who called (and hide the exchange headers from the app)."""
+        if self.exchange and not self.outbound:
+            h = s.head.headers
+            s.peer_meta = telemetry.decode_peer_metadata(h)
+            s.peer_sent_metadata = telemetry.strip_peer_metadata(h)
+
+    def upstream_request(self, s: _Stream, head: RequestHead) -> None:
+        if self.exchange and self.outbound:
+            for k, v in self.ctx.exchange_headers:
+                head.headers.set(k, v)
+
+    def upstream_response(self, s: _Stream, head: ResponseHead) -> None:
+        """Outbound: learn who answered; inbound: tell the caller who we are (only when it
+        told us first, as Istio does)."""
+        if not self.exchange:
+            return
+        h = head.headers
+        if self.outbound:
+            s.peer_meta = telemetry.decode_peer_metadata(h)
+            telemetry.strip_peer_metadata(h)
+        elif s.peer_sent_metadata:
+            for k, v in self.ctx.exchange_headers:
+                h.set(k, v)
+
+    def completed(self, s: _Stream) -> None:
+        """Where Envoy writes access logs: the stream is over."""
+        info = s.info
+        if info.grpc_status is None:
+            src = info.response_trailers or (info.response.headers if info.response else None)
+            value = src.get("grpc-status") if src is not None else None
+            if value is not None and value.isdigit():
+                info.grpc_status = int(value)
+        if self.loggers:
+            accesslog.log_all(self.loggers, info)
+        if self.istio_stats:
+            auth = info.request.authority if info.request is not None else ""
+            telemetry.record_http(
+                self.stats, reporter=self.reporter, local=self.ctx.local, peer=s.peer_meta,
+                info=info, destination_service=telemetry.destination_service(
+                    info.upstream_cluster, authority=auth, route_name=info.route_name,
+                    local=self.ctx.local))
 
     async def handle(self, sock: socket.socket, record: ConnectionRecord, *,
                      restored: SocketAddress | None, initial: bytes = b"") -> None:
         """Serve HTTP on ``sock`` until it closes. Closes ``sock`` in every case."""
         loop = asyncio.get_running_loop()
-        self.ctx.loop = loop
         conn = _Downstream(self, record, loop)
         self.stats.inc(self.s["downstream_cx_total"])
         self.stats.gauge_add(self.s["downstream_cx_active"], 1)
@@ -478,7 +536,8 @@ class _Stream:
         self.weight: rt.ClusterWeight | None = None
         self.router_config = self.hcm.config.router
         self.cluster: UpstreamCluster | None = None
-        self.peer: Mapping[str, str] = {}
+        self.peer_meta: telemetry.WorkloadMeta | None = None
+        self.peer_sent_metadata = False
         self.finished = False
 
     @classmethod
@@ -595,6 +654,7 @@ class _Stream:
         hcm, cfg = self.hcm, self.hcm.config
         head = self.head
         self._mutate_request_headers()
+        hcm.request_started(self)
         rc = cfg.route_config
         route = None
         vh = None
@@ -732,9 +792,8 @@ class _Stream:
         if self.route is not None and self.vhost is not None and cfg.route_config is not None:
             rt.apply_response_headers(cfg.route_config, self.vhost, self.route, head,
                                       request=self.head, cluster=self.weight)
-        hook = getattr(self.hcm, "response_hook", None)
-        if hook is not None:
-            hook(self, head)
+        if self.info.response_code_details == "via_upstream":
+            self.hcm.upstream_response(self, head)
 
     def send_body(self, data: bytes) -> None:
         codec = self.conn.codec
@@ -810,11 +869,10 @@ class _Stream:
         if not self.response_done and self.response_started:
             self._reset_downstream()
         self.info.duration = self.conn.loop.time() - self.start_mono
-        for cb in hcm.ctx.on_complete:
-            try:
-                cb(self.info, hcm, self.peer)
-            except Exception:
-                log.exception("access log / stats hook failed")
+        try:
+            hcm.completed(self)
+        except Exception:
+            log.exception("access log / stats failed")
         self.conn.stream_done(self)
 
 
@@ -1151,9 +1209,7 @@ class _Router:
         head = s.head
         if s.vhost is not None and s.vhost.include_request_attempt_count:
             head.headers.set("x-envoy-attempt-count", str(attempt_no))
-        hook = getattr(s.hcm, "request_hook", None)
-        if hook is not None:
-            hook(s, head)
+        s.hcm.upstream_request(s, head)
         upstream_head = head
         if head.protocol != "HTTP/2" and self._protocol() == "HTTP/2":
             upstream_head = head.copy()
