@@ -2,7 +2,8 @@
 
 * ``serve --listen IP:PORT [--listen …] --name NAME [--mode ok|reset|fail]``: a threaded
   HTTP/1.1 server. ``ok`` answers 200 with a JSON body naming the server and echoing the
-  request (path, headers, peer); ``reset`` aborts each connection (RST) as soon as a request
+  request (path, headers, peer, body size read in 1 MiB chunks); ``GET /bytes/N`` streams N
+  bytes; ``reset`` aborts each connection (RST) as soon as a request
   head arrives; ``fail`` answers 503. ``GET /__hits`` answers the number of other requests
   seen (the test asks the server directly, not through a proxy). Prints ``ready``.
 * ``grpc-serve --listen IP:PORT``: a gRPC server (grpcio, generic handlers, raw bytes):
@@ -57,7 +58,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self) -> None:
         length = int(self.headers.get("content-length") or 0)
-        body = self.rfile.read(length) if length else b""
+        received = 0
+        while received < length:     # in chunks: uploads may be GiBs
+            chunk = self.rfile.read(min(1 << 20, length - received))
+            if not chunk:
+                break
+            received += len(chunk)
+        if self.path.startswith("/bytes/"):
+            self._stream(int(self.path.split("/")[2]))
+            return
         if self.path == "/__hits":
             data = str(self.server.hits).encode()
             self.send_response(200)
@@ -77,7 +86,7 @@ class _Handler(BaseHTTPRequestHandler):
         data = json.dumps({
             "name": self.server.name, "method": self.command, "path": self.path,
             "headers": {k.lower(): v for k, v in self.headers.items()},
-            "peer": self.client_address[0], "body_bytes": len(body),
+            "peer": self.client_address[0], "body_bytes": received,
         }).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")
@@ -85,6 +94,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+
+    def _stream(self, n: int) -> None:
+        """``GET /bytes/N``: N bytes of body, written 1 MiB at a time."""
+        self.send_response(200)
+        self.send_header("content-length", str(n))
+        self.end_headers()
+        chunk = b"x" * (1 << 20)
+        left = n
+        while left > 0:
+            self.wfile.write(chunk[:min(left, len(chunk))])
+            left -= min(left, len(chunk))
 
     do_GET = do_POST = do_PUT = do_HEAD = _answer
 
