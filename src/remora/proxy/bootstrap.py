@@ -9,6 +9,7 @@ Must not: open sockets or start anything. Protobuf types stop here.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 from collections.abc import Iterable
@@ -98,7 +99,8 @@ SUPPORTED: dict[str, str | frozenset[str]] = {
     "envoy.config.listener.v3.ListenerFilterChainMatchPredicate.MatchSet": frozenset({"rules"}),
     "envoy.type.v3.Int32Range": frozenset({"start", "end"}),
     "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy": frozenset({
-        "stat_prefix", "cluster", "weighted_clusters", "idle_timeout", "max_connect_attempts"}),
+        "stat_prefix", "cluster", "weighted_clusters", "idle_timeout", "max_connect_attempts",
+        "access_log"}),
     "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster": frozenset({
         "clusters"}),
     "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster.ClusterWeight":
@@ -158,7 +160,14 @@ HCM_TYPE = ("envoy.extensions.filters.network.http_connection_manager.v3."
             "HttpConnectionManager")
 NETWORK_FILTERS = {"envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", HCM_TYPE}
 # Checked field by field by their own compiler (remora.proxy.http.routes_compile).
-DELEGATED = frozenset({HCM_TYPE})
+DELEGATED = frozenset({HCM_TYPE, "envoy.config.accesslog.v3.AccessLog",
+                       "udpa.type.v1.TypedStruct", "xds.type.v3.TypedStruct"})
+# Istio's own network filters, carried in a TypedStruct (their protos are not in xds-protos).
+ISTIO_NETWORK_FILTERS = {
+    "type.googleapis.com/stats.PluginConfig": "istio.stats",
+    "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange":
+        "istio.metadata_exchange",
+}
 
 
 def _unpack(any_msg: Message, path: str) -> Message:
@@ -276,11 +285,19 @@ def _chain(msg: Message, path: str) -> FilterChain:
         application_protocols=tuple(m.application_protocols),
     )
     filters = []
+    istio_stats = False
     for i, f in enumerate(msg.filters):
         where = f"{path}.filters[{i}]"
         if not f.HasField("typed_config"):
             raise BadInput(f"{where}: typed_config is required")
         cfg = _unpack(f.typed_config, where)
+        if cfg.DESCRIPTOR.full_name in ("udpa.type.v1.TypedStruct", "xds.type.v3.TypedStruct"):
+            istio = ISTIO_NETWORK_FILTERS.get(cfg.type_url)
+            if istio is None:
+                raise BadInput(f"unsupported {where}: TypedStruct of "
+                               f"{cfg.type_url}")
+            istio_stats = istio_stats or istio == "istio.stats"
+            continue
         if cfg.DESCRIPTOR.full_name not in NETWORK_FILTERS:
             raise BadInput(f"unsupported {where}: {cfg.DESCRIPTOR.full_name}")
         if cfg.DESCRIPTOR.full_name == HCM_TYPE:
@@ -289,8 +306,11 @@ def _chain(msg: Message, path: str) -> FilterChain:
                 name=f.name or "envoy.filters.network.http_connection_manager",
                 config=compile_hcm(cfg, f"{where}.typed_config")))
             continue
+        tp = _tcp_proxy(cfg, where)
+        if istio_stats:
+            tp = dataclasses.replace(tp, istio_stats=True)
         filters.append(NetworkFilter(name=f.name or "envoy.filters.network.tcp_proxy",
-                                     config=_tcp_proxy(cfg, where)))
+                                     config=tp))
     return FilterChain(name=msg.name, match=match, filters=tuple(filters))
 
 
@@ -303,7 +323,12 @@ def _tcp_proxy(msg: Message, path: str) -> TcpProxy:
     if not msg.stat_prefix:
         raise BadInput(f"{path}: tcp_proxy.stat_prefix is required")
     idle = _seconds(msg.idle_timeout) if msg.HasField("idle_timeout") else 3600.0
+    logs: tuple[Any, ...] = ()
+    if len(msg.access_log):
+        from remora.proxy.http.accesslog import compile_access_logs
+        logs = compile_access_logs(msg.access_log, f"{path}.access_log")
     return TcpProxy(stat_prefix=msg.stat_prefix, cluster=msg.cluster, weighted_clusters=weighted,
+                    access_logs=logs,
                     idle_timeout=idle or None,
                     max_connect_attempts=msg.max_connect_attempts.value
                     if msg.HasField("max_connect_attempts") else 1)

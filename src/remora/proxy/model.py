@@ -94,6 +94,8 @@ class TcpProxy:
     weighted_clusters: tuple[WeightedCluster, ...] = ()
     idle_timeout: float | None = DEFAULT_TCP_IDLE_TIMEOUT   # None or 0: disabled
     max_connect_attempts: int = 1
+    access_logs: tuple[Any, ...] = ()     # remora.proxy.http.accesslog.AccessLogConfig
+    istio_stats: bool = False             # an ``istio.stats`` network filter precedes it
 
 
 NetworkFilterConfig = TcpProxy | HcmConfig

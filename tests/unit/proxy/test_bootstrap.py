@@ -143,3 +143,34 @@ def test_cluster_protocol_options_fields_are_checked() -> None:
     with pytest.raises(BadInput) as err:
         compile_bootstrap(parse_bootstrap(data))
     assert "allow_connect" in str(err.value)
+
+
+def _first_tcp_chain(data: dict[str, Any]) -> dict[str, Any]:
+    chain: dict[str, Any] = data["static_resources"]["listeners"][0]["filter_chains"][0]
+    return chain
+
+
+def test_istio_stats_network_filter_and_tcp_access_log() -> None:
+    data = copy.deepcopy(base())
+    chain = _first_tcp_chain(data)
+    chain["filters"].insert(0, {"name": "istio.stats", "typed_config": {
+        "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+        "type_url": "type.googleapis.com/stats.PluginConfig", "value": {}}})
+    chain["filters"][1]["typed_config"]["access_log"] = [{
+        "name": "envoy.access_loggers.file", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3."
+                     "FileAccessLog", "path": "/dev/stdout"}}]
+    snap = compile_bootstrap(parse_bootstrap(data))
+    tp = snap.listeners[0].filter_chains[0].tcp_proxy
+    assert tp is not None and tp.istio_stats
+    assert len(tp.access_logs) == 1 and tp.access_logs[0].path == "/dev/stdout"
+
+
+def test_unknown_typed_struct_network_filter_is_refused() -> None:
+    data = copy.deepcopy(base())
+    _first_tcp_chain(data)["filters"].insert(0, {"name": "x", "typed_config": {
+        "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+        "type_url": "type.googleapis.com/some.Other", "value": {}}})
+    with pytest.raises(BadInput) as err:
+        compile_bootstrap(parse_bootstrap(data))
+    assert "filters[0]" in str(err.value) and "some.Other" in str(err.value)
