@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
+from remora.proxy.http.tracing import TracingConfig
 from remora.proxy.http.types import HeaderMap, RequestHead, ResponseHead
 
 if typing.TYPE_CHECKING:
@@ -834,6 +835,7 @@ class HcmConfig:
     forward_client_cert_details: ForwardClientCertDetails = "SANITIZE"
     set_current_client_cert_details: dict[str, Any] = field(default_factory=dict)
     tracing: bool = False
+    trace: TracingConfig | None = None             # a Zipkin provider (tracing.py)
     http1: Http1Options = field(default_factory=Http1Options)
     http2: Http2Options = field(default_factory=Http2Options)
     access_logs: tuple[Any, ...] = ()

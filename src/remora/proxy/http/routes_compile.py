@@ -42,6 +42,7 @@ from xds.type.v3 import typed_struct_pb2 as xds_typed_struct_pb2  # noqa: F401
 from remora.errors import BadInput
 from remora.proxy.http import routes as rt
 from remora.proxy.http.accesslog import compile_access_logs
+from remora.proxy.http.tracing import compile_tracing
 
 ANY_FIELDS = "*"
 _RA = "envoy.config.route.v3.RouteAction"
@@ -69,7 +70,7 @@ HTTP_SUPPORTED: dict[str, str | frozenset[str]] = {
     f"{_HCM}.InternalAddressConfig": frozenset({"unix_sockets", "cidr_ranges"}),
     f"{_HCM}.SetCurrentClientCertDetails": frozenset({"subject", "cert", "chain", "dns",
                                                       "uri"}),
-    # Tracing is recorded as "on" only; its provider and sampling are not interpreted.
+    # Tracing: checked and compiled by remora.proxy.http.tracing.compile_tracing.
     f"{_HCM}.Tracing": ANY_FIELDS,
     "envoy.extensions.filters.network.http_connection_manager.v3.Rds": frozenset({
         "config_source", "route_config_name"}),
@@ -997,6 +998,8 @@ def compile_hcm(msg: hcm_pb2.HttpConnectionManager, path: str, *,
         set_current_client_cert_details=json_format.MessageToDict(
             msg.set_current_client_cert_details, preserving_proto_field_name=True),
         tracing=msg.HasField("tracing"),
+        trace=compile_tracing(msg.tracing, f"{path}.tracing")
+        if msg.HasField("tracing") else None,
         http1=rt.Http1Options(
             accept_http_10=h1.accept_http_10,
             default_host_for_http_10=h1.default_host_for_http_10,
