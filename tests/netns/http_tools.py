@@ -67,6 +67,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.startswith("/bytes/"):
             self._stream(int(self.path.split("/")[2]))
             return
+        if (self.headers.get("upgrade") or "").lower() == "websocket":
+            self._echo_tunnel()
+            return
         if self.path == "/__hits":
             data = str(self.server.hits).encode()
             self.send_response(200)
@@ -94,6 +97,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+
+    def _echo_tunnel(self) -> None:
+        """An upgrade to ``websocket`` (no framing: the tunnel's bytes are echoed back)."""
+        self.send_response(101)
+        self.send_header("connection", "upgrade")
+        self.send_header("upgrade", "websocket")
+        self.end_headers()
+        self.wfile.flush()
+        self.connection.settimeout(20)
+        while True:
+            data = self.connection.recv(65536)
+            if not data:
+                break
+            self.connection.sendall(data)
+        self.close_connection = True
 
     def _stream(self, n: int) -> None:
         """``GET /bytes/N``: N bytes of body, written 1 MiB at a time."""

@@ -632,3 +632,38 @@ def test_1gib_download_and_upload_do_not_grow_memory(mesh: Mesh) -> None:
     assert got == GIB and sent == GIB
     grown_mb = (_hwm_kb(pid) - before) / 1024
     assert grown_mb < 48, f"peak RSS grew by {grown_mb:.1f} MB for 2 GiB relayed"
+
+
+def test_websocket_upgrade_is_tunnelled(mesh: Mesh) -> None:
+    """Istio's HCM has ``upgrade_configs: [websocket]``: the 101 and the tunnel pass."""
+    vip = SERVICES["demoappv10"][0]
+
+    def run() -> tuple[bytes, bytes]:
+        import socket
+        os.setgroups([])
+        os.setgid(APP_UID)
+        os.setuid(APP_UID)
+        s = socket.create_connection((vip, 8080), timeout=10)
+        s.sendall(b"GET /chat HTTP/1.1\r\nHost: demoappv10\r\nConnection: Upgrade\r\n"
+                  b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        head, _, rest = head.partition(b"\r\n\r\n")
+        s.sendall(b"hello over the tunnel")
+        echoed = rest
+        while len(echoed) < len(b"hello over the tunnel"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            echoed += chunk
+        s.close()
+        return head, echoed
+    head, echoed = mesh.a.call(run, timeout=30)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    assert b"upgrade: websocket" in head.lower()
+    assert echoed == b"hello over the tunnel"
