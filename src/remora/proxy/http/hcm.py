@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import http
 import logging
 import random
 import socket
@@ -75,6 +76,13 @@ EXCHANGE_FILTERS = ("istio.metadata_exchange", "istio.peer_metadata")
 
 def _addr_text(sa: SocketAddress | None) -> str:
     return "" if sa is None else str(sa)
+
+
+def _status_text(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
 
 
 def http_date(now: float | None = None) -> str:
@@ -228,15 +236,17 @@ class _Downstream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; same interface.
         self.transport = typing.cast(asyncio.Transport, transport)
-        cfg = self.hcm.config
-        if cfg.request_headers_timeout:
-            self._headers_timer = self.loop.call_later(cfg.request_headers_timeout,
-                                                       self._headers_timeout)
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        if self._headers_timer is None and not self.streams and self.h1:
+            # Envoy arms request_headers_timeout at the first byte of a request's head (an
+            # idle connection is the idle timeout's business); the head's end disarms it.
+            timeout = self.hcm.config.request_headers_timeout
+            if timeout:
+                self._headers_timer = self.loop.call_later(timeout, self._headers_timeout)
         if self.codec is None:
             data = self.sniff + data
             if not self._choose_codec(data):
@@ -253,7 +263,9 @@ class _Downstream(asyncio.Protocol):
             return False
         self._dispatch(self.codec.receive(b""))
         self.flush()
-        return False
+        # A tunnel's half-close went upstream (request_end); keep our side open for what the
+        # upstream still sends. The tunnel's end closes the connection.
+        return self.h1 and any(s.tunnel for s in self.streams.values())
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -392,8 +404,11 @@ class _Downstream(asyncio.Protocol):
             if s is None:
                 s = _Stream.for_error(self, ev)
             s.info.response_flags.add("DPE")
-            s.local_reply(ev.status, "Bad Request" if ev.status == 400 else "",
-                          details=ev.details, close=True)
+            # Envoy's codec-error reply carries the status text as its body
+            # (``CodeUtility::toString``): "Bad Request", "Request Header Fields Too Large"…
+            s.local_reply(ev.status, _status_text(ev.status), details=ev.details, close=True)
+            if s.task is None:
+                s._finish()     # a stream made for the error: nothing else will end it
         else:
             for st in list(self.streams.values()):
                 st.downstream_reset("DPE")
@@ -415,14 +430,16 @@ class _Downstream(asyncio.Protocol):
         if codec is None:
             return
         if self.h1:
+            # Held events first: a ProtocolError behind this (pipelined) request still owes
+            # its own 400 before the connection closes.
+            resume = getattr(codec, "resume", None)
+            if resume is not None and not self.closing:
+                self._dispatch(resume())
+                self.flush()
             if not codec.keep_alive or self.closing:
                 self.flush()
                 self.close()
                 return
-            resume = getattr(codec, "resume", None)
-            if resume is not None:
-                self._dispatch(resume())
-                self.flush()
             if not self.streams and not self.closing:
                 self._arm_idle()
                 if self.read_paused:
@@ -494,7 +511,10 @@ class _Downstream(asyncio.Protocol):
                 from remora.proxy.http.h1 import H1ServerCodec
                 self.codec = H1ServerCodec()
             s = _Stream.for_error(self, ProtocolError(408, "request_header_timeout"))
-            s.local_reply(408, "request timeout", details="request_header_timeout", close=True)
+            # Envoy's onRequestHeaderTimeout text and details.
+            s.local_reply(408, "request header timeout", details="request_header_timeout",
+                          close=True)
+            s._finish()
         self.close()
 
     def _cancel_timers(self) -> None:
@@ -539,6 +559,7 @@ class _Stream:
         self.peer_meta: telemetry.WorkloadMeta | None = None
         self.peer_sent_metadata = False
         self.finished = False
+        self.tunnel = False                  # HTTP/1 upgrade / CONNECT accepted: raw bytes
 
     @classmethod
     def for_error(cls, conn: _Downstream, ev: ProtocolError) -> _Stream:
@@ -557,6 +578,13 @@ class _Stream:
         st.inc(s["downstream_rq_http2_total" if self.head.protocol == "HTTP/2"
                  else "downstream_rq_http1_total"])
         st.gauge_add(s["downstream_rq_active"], 1)
+        codec = self.conn.codec
+        if self.expect_continue and not hcm.config.proxy_100_continue and codec is not None:
+            # proxy_100_continue false (Envoy's default): Envoy answers "100 Continue" itself
+            # before any filter runs and removes Expect so the upstream does not answer again.
+            self.head.headers.remove("expect")
+            codec.send_informational(self.id, ResponseHead(100, protocol=self.head.protocol))
+            self.conn.flush()
         self.task = self.conn.loop.create_task(self._run())
 
     def request_body(self, data: bytes) -> None:
@@ -594,6 +622,10 @@ class _Stream:
         a = self.attempt
         if a is not None and a.sid and not a.done:
             a.conn.send_end(a.sid, trailers)
+            if self.tunnel:
+                # An HTTP/1 tunnel's end is a half-close of the upstream socket (the codec
+                # encodes nothing for it).
+                a.conn.half_close()
 
     def _consumed(self, n: int) -> None:
         codec = self.conn.codec
@@ -782,6 +814,16 @@ class _Stream:
         self.conn.flush()
         if end_stream:
             self.response_done = True
+        if self.conn.h1 and (self.upgrade or self.head.method == "CONNECT"):
+            # The H1 codec holds what followed an upgrade request until it is answered:
+            # after a 101 (2xx to CONNECT) the early tunnel bytes, after a refusal the
+            # request's EndStream. Both come from resume().
+            self.tunnel = head.status == 101 or (self.head.method == "CONNECT"
+                                                 and 200 <= head.status < 300)
+            resume = getattr(codec, "resume", None)
+            if resume is not None:
+                self.conn._dispatch(resume())
+                self.conn.flush()
 
     def _response_headers(self, head: ResponseHead) -> None:
         cfg = self.hcm.config

@@ -187,9 +187,14 @@ class UpstreamConnection(asyncio.Protocol):
                     self.close()
             elif t is ProtocolError:
                 assert isinstance(ev, ProtocolError)
+                # The HTTP/1 client codec reports EOF under a request as a ProtocolError whose
+                # details say so: Envoy calls that "connection termination" (flag UC), not a
+                # protocol error.
+                reason = ("connection termination" if "connection_termination" in ev.details
+                          else "protocol error")
                 streams, self.streams = self.streams, {}
                 for cb in streams.values():
-                    cb.on_reset("protocol error", refused=False)
+                    cb.on_reset(reason, refused=False)
                 self.close()
 
     # ------------------------------------------------------------------ used by requests
@@ -215,6 +220,11 @@ class UpstreamConnection(asyncio.Protocol):
     def send_end(self, sid: int, trailers: HeaderMap | None = None) -> None:
         self.codec.send_end(sid, trailers)
         self.flush()
+
+    def half_close(self) -> None:
+        """End an HTTP/1 tunnel's request side (``write_eof``); responses still arrive."""
+        if self.transport is not None and not self.lost and self.transport.can_write_eof():
+            self.transport.write_eof()
 
     def consumed(self, sid: int, n: int) -> None:
         self.codec.consumed(sid, n)

@@ -1,0 +1,1079 @@
+"""Playbook tests of the connection manager and router, without sockets.
+
+The real ``_Downstream`` / ``HttpConnectionManager`` / router / pools / codecs run on an event
+loop; only the sockets are replaced (``harness``): the app is a :class:`harness.Client`
+writing raw bytes, each upstream host a :class:`harness.Server` answering as the test
+scripts. Expected statuses, texts, details and flags are Envoy's (spec §9, §10.1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from remora.proxy.http.h2codec import H2ClientCodec
+from remora.proxy.http.types import Body, EndStream, ResponseHeaders, Writable
+from remora.proxy.model import OutlierDetection, Thresholds
+from tests.unit.proxy.http.harness import (
+    FAULT_TYPE,
+    ISTIO_RETRY,
+    Client,
+    Env,
+    Server,
+    UpReq,
+    Waitable,
+    cluster,
+    hcm_dict,
+    http1_request,
+    ok_handler,
+    pipe,
+    request_head,
+    route,
+    vhost,
+)
+
+SVC = "outbound|8080||svc.default.svc.cluster.local"
+A, B = "10.3.0.1:8080", "10.3.0.2:8080"
+RESET_BEFORE = "upstream connect error or disconnect/reset before headers."
+
+
+def run(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    @functools.wraps(test)
+    def wrapper(*args: Any, **kw: Any) -> None:
+        asyncio.run(asyncio.wait_for(test(*args, **kw), 15))
+    return wrapper
+
+
+def make_env(*, routes: list[dict[str, Any]] | None = None, servers: dict[str, Server] | None
+             = None, hosts: tuple[str, ...] = (A,), extra_clusters: tuple[Any, ...] = (),
+             cluster_kw: dict[str, Any] | None = None, **hcm: Any) -> Env:
+    vhosts = [vhost("svc.default.svc.cluster.local:8080", ["svc", "svc:8080"],
+                    routes or [route(SVC)])]
+    servers = servers if servers is not None else {h: Server() for h in hosts}
+    clusters = (cluster(SVC, hosts, **(cluster_kw or {})), *extra_clusters)
+    return Env(hcm_dict(vhosts, **hcm), clusters, servers)
+
+
+def flags(info: Any) -> set[str]:
+    return set(info.response_flags)
+
+
+# ============================================================================ the happy path
+
+
+@run
+async def test_proxied_request_headers_both_ways() -> None:
+    """Envoy's request mutations (spec §9): x-request-id generated, x-forwarded-proto set,
+    x-envoy-attempt-count (Istio's include_request_attempt_count), no expected-timeout header
+    when the route timeout is 0; response: server overwritten, upstream service time."""
+    async def handler(req: UpReq) -> None:
+        await req.complete()
+        req.respond(200, b"hello", [("server", "backend"), ("x-app", "1")])
+    env = make_env(servers={A: Server(handler)})
+    c = env.client()
+    r = await c.request("GET", "/p?q=1", "svc", [("user-agent", "t")])
+    assert r.status == 200 and r.body == b"hello"
+    assert r.get("server") == "envoy"
+    assert r.get("x-app") == "1"
+    assert r.get("x-envoy-upstream-service-time", "").isdigit()
+    up = env.servers[A].requests[0]
+    h = up.headers
+    assert up.head.path == "/p?q=1" and up.head.authority == "svc"
+    uuid.UUID(h.get("x-request-id"))
+    assert h.get("x-forwarded-proto") == "http"
+    assert h.get("x-envoy-attempt-count") == "1"
+    assert "x-envoy-expected-rq-timeout-ms" not in h
+    assert "x-forwarded-for" not in h        # use_remote_address: false
+    info = await env.info()
+    assert info.response_code == 200 and info.response_code_details == "via_upstream"
+    assert not info.response_flags and info.upstream_host == A
+    assert info.bytes_sent == 5 and info.attempt_count == 1
+    assert env.hcounter("downstream_rq_2xx") == 1
+    await env.close()
+
+
+@run
+async def test_request_id_kept_and_keepalive_reuses_upstream_connection() -> None:
+    env = make_env()
+    c = env.client()
+    r1 = await c.request(headers=[("x-request-id", "abc-1"), ("x-forwarded-proto", "https")])
+    r2 = await c.request(path="/two")
+    assert (r1.status, r2.status) == (200, 200) and r2.body == b"ok /two"
+    srv = env.servers[A]
+    assert srv.requests[0].headers.get("x-request-id") == "abc-1"
+    assert srv.requests[0].headers.get("x-forwarded-proto") == "https"   # kept if present
+    assert srv.requests[1].headers.get("x-request-id") != "abc-1"
+    assert len(srv.conns) == 1           # the pooled HTTP/1.1 connection was reused
+    await env.close()
+
+
+@run
+async def test_expected_rq_timeout_header_only_with_a_timeout() -> None:
+    env = make_env(routes=[route(SVC, timeout="5s")])
+    c = env.client()
+    assert (await c.request()).status == 200
+    assert env.servers[A].requests[0].headers.get("x-envoy-expected-rq-timeout-ms") == "5000"
+    await env.close()
+
+
+@run
+async def test_server_name_configurable() -> None:
+    env = make_env(server_name="istio-envoy")
+    r = await env.client().request()
+    assert r.get("server") == "istio-envoy"
+    await env.close()
+
+
+@run
+async def test_request_bodies_content_length_and_chunked() -> None:
+    async def echo(req: UpReq) -> None:
+        await req.complete()
+        req.respond(200, bytes(req.body))
+    env = make_env(servers={A: Server(echo)})
+    c = env.client()
+    r = await c.request("POST", "/cl", body=b"x" * 1000)
+    assert r.body == b"x" * 1000
+    c.send(b"POST /ch HTTP/1.1\r\nhost: svc\r\ntransfer-encoding: chunked\r\n\r\n"
+           b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+    r = await c.response()
+    assert r.status == 200 and r.body == b"abcde"
+    await env.close()
+
+
+@run
+async def test_chunked_response_with_trailers_streams_through() -> None:
+    async def handler(req: UpReq) -> None:
+        await req.complete()
+        req.send_headers(200, [("content-type", "text/plain")])
+        req.send_body(b"part1-")
+        req.send_body(b"part2")
+        req.send_end([("x-trailer", "t")])
+    env = make_env(servers={A: Server(handler)})
+    r = await env.client().request(headers=[("te", "trailers")])
+    assert r.chunked and r.body == b"part1-part2"
+    assert ("x-trailer", "t") in r.trailers
+    await env.close()
+
+
+@run
+async def test_pipelined_requests_answered_in_order() -> None:
+    release = asyncio.Event()
+
+    async def handler(req: UpReq) -> None:
+        await req.complete()
+        if req.head.path == "/1":
+            await release.wait()
+        req.respond(200, req.head.path.encode())
+    env = make_env(servers={A: Server(handler)})
+    c = env.client()
+    c.send(http1_request(path="/1") + http1_request(path="/2") + http1_request(path="/3"))
+    await env.servers[A].request(1)
+    release.set()
+    bodies = [(await c.response()).body for _ in range(3)]
+    assert bodies == [b"/1", b"/2", b"/3"]
+    await env.close()
+
+
+# ============================================================================ local replies
+
+
+@run
+async def test_no_route_404_nr() -> None:
+    env = make_env()
+    c = env.client()
+    r = await c.request(host="unknown.example")
+    assert r.status == 404 and r.body == b"" and r.get("content-length") == "0"
+    assert r.get("server") == "envoy" and r.get("date")
+    assert r.get("x-envoy-upstream-service-time") is None    # not on local replies
+    info = await env.info()
+    assert flags(info) == {"NR"} and info.response_code_details == "route_not_found"
+    assert env.hcounter("no_route") == 1
+    # The connection goes on.
+    assert (await c.request()).status == 200
+    await env.close()
+
+
+@run
+async def test_no_healthy_upstream_503_uh() -> None:
+    env = make_env(hosts=())
+    r = await env.client().request()
+    assert r.status == 503 and r.body == b"no healthy upstream"
+    assert r.get("content-type") == "text/plain"
+    info = await env.info()
+    assert flags(info) == {"UH"} and info.response_code_details == "no_healthy_upstream"
+    await env.close()
+
+
+@run
+async def test_local_reply_to_head_has_no_body() -> None:
+    """Envoy's local reply to HEAD: the headers (content-length of the text) and no body, so
+    the next response on the connection is framed right."""
+    env = make_env(hosts=())
+    c = env.client()
+    r = await c.request("HEAD", "/")
+    assert r.status == 503 and r.get("content-length") == str(len("no healthy upstream"))
+    r2 = await c.request("GET", "/", host="nowhere")
+    assert r2.status == 404
+    assert c.rest == b""
+    await env.close()
+
+
+@run
+async def test_connect_failure_503_uf_without_retry_policy() -> None:
+    env = make_env(servers={A: Server(refuse=True)})
+    r = await env.client().request()
+    assert r.status == 503
+    assert r.body.decode() == (f"{RESET_BEFORE} reset reason: connection failure, transport "
+                               "failure reason: delayed connect error: 111")
+    info = await env.info()
+    assert flags(info) == {"UF"}
+    assert info.response_code_details == \
+        "upstream_reset_before_response_started{connection_failure}"
+    assert info.upstream_transport_failure_reason == "delayed connect error: 111"
+    await env.close()
+
+
+@run
+async def test_connect_failure_retried_with_istio_defaults_then_uf_urx() -> None:
+    """Istio's default policy retries connect-failure twice (3 tries), on other hosts."""
+    servers = {A: Server(refuse=True), B: Server(refuse=True)}
+    env = make_env(routes=[route(SVC, retry_policy=ISTIO_RETRY)], servers=servers,
+                   hosts=(A, B))
+    r = await env.client().request()
+    assert r.status == 503
+    assert r.body.decode().startswith(f"{RESET_BEFORE} retried and the latest reset reason: "
+                                      "connection failure")
+    info = await env.info()
+    assert flags(info) == {"UF", "URX"} and info.attempt_count == 3
+    assert servers[A].connects + servers[B].connects == 3
+    assert servers[A].connects >= 1 and servers[B].connects >= 1   # previous_hosts
+    assert env.ccounter(SVC, "upstream_rq_retry") == 2
+    await env.close()
+
+
+@run
+async def test_connect_failure_retried_onto_a_good_host() -> None:
+    servers = {A: Server(refuse=True), B: Server()}
+    env = make_env(routes=[route(SVC, retry_policy=ISTIO_RETRY)], servers=servers,
+                   hosts=(A, B))
+    c = env.client()
+    for _ in range(4):
+        assert (await c.request()).status == 200
+    for req in servers[B].requests:
+        # Round robin: every other request tried A first and came to B on its 2nd attempt.
+        assert req.headers.get("x-envoy-attempt-count") in ("1", "2")
+    assert any(r.headers.get("x-envoy-attempt-count") == "2" for r in servers[B].requests)
+    assert env.ccounter(SVC, "upstream_rq_retry_success") >= 1
+    await env.close()
+
+
+@run
+async def test_upstream_closes_before_headers_503_uc() -> None:
+    async def slam(req: UpReq) -> None:
+        await req.complete()
+        req.close()
+    env = make_env(servers={A: Server(slam)})
+    r = await env.client().request()
+    assert r.status == 503
+    assert r.body.decode() == f"{RESET_BEFORE} reset reason: connection termination"
+    info = await env.info()
+    assert flags(info) == {"UC"}
+    assert info.response_code_details == \
+        "upstream_reset_before_response_started{connection_termination}"
+    await env.close()
+
+
+@run
+async def test_reset_retried_by_a_reset_policy() -> None:
+    """A VirtualService with retryOn: reset (the netns 'flaky' service), in memory."""
+    async def slam(req: UpReq) -> None:
+        await req.complete()
+        req.abort()
+    servers = {A: Server(slam), B: Server()}
+    policy = {"retry_on": "reset,connect-failure", "num_retries": 3,
+              "retry_host_predicate": ISTIO_RETRY["retry_host_predicate"],
+              "host_selection_retry_max_attempts": "5"}
+    env = make_env(routes=[route(SVC, retry_policy=policy)], servers=servers, hosts=(A, B))
+    c = env.client()
+    for _ in range(4):
+        r = await c.request()
+        assert r.status == 200, r
+    assert len(servers[A].requests) >= 1
+    await env.close()
+
+
+@run
+async def test_retriable_status_codes_503_then_other_host() -> None:
+    async def busy(req: UpReq) -> None:
+        await req.complete()
+        req.respond(503, b"busy")
+    servers = {A: Server(busy), B: Server()}
+    policy = dict(ISTIO_RETRY, retriable_status_codes=[503])
+    env = make_env(routes=[route(SVC, retry_policy=policy)], servers=servers, hosts=(A, B))
+    c = env.client()
+    assert [(await c.request()).status for _ in range(2)] == [200, 200]
+    # Round robin: one of the two requests tried A first and got B on its second attempt.
+    assert [r.headers.get("x-envoy-attempt-count") for r in servers[B].requests] \
+        in (["1", "2"], ["2", "1"])
+    assert sorted(i.attempt_count for i in env.infos) == [1, 2]
+    assert not any(i.response_flags for i in env.infos)
+    await env.close()
+
+
+@run
+async def test_503_not_retried_by_istio_defaults() -> None:
+    """Since Istio 1.24 retriable_status_codes is empty: a 503 answer goes back as is."""
+    async def busy(req: UpReq) -> None:
+        await req.complete()
+        req.respond(503, b"busy")
+    servers = {A: Server(busy), B: Server(busy)}
+    env = make_env(routes=[route(SVC, retry_policy=ISTIO_RETRY)], servers=servers,
+                   hosts=(A, B))
+    r = await env.client().request()
+    assert r.status == 503 and r.body == b"busy"
+    assert len(servers[A].requests) + len(servers[B].requests) == 1
+    assert (await env.info()).response_code_details == "via_upstream"
+    await env.close()
+
+
+@run
+async def test_retry_replays_a_body_still_streaming() -> None:
+    """The first try dies after part of the body went out; the retry gets all of it."""
+    got: list[bytes] = []
+    tries: list[UpReq] = []
+    seen = Waitable()
+
+    async def first_dies(req: UpReq) -> None:
+        tries.append(req)
+        seen.changed()
+        if len(tries) == 1:
+            await req.changed.until(lambda: len(req.body) >= 3)
+            req.abort()
+            return
+        await req.complete()
+        got.append(bytes(req.body))
+        req.respond(200, bytes(req.body))
+    servers = {A: Server(first_dies), B: Server(first_dies)}
+    policy = {"retry_on": "reset", "num_retries": 2,
+              "retry_host_predicate": ISTIO_RETRY["retry_host_predicate"],
+              "host_selection_retry_max_attempts": "5"}
+    env = make_env(routes=[route(SVC, retry_policy=policy)], servers=servers, hosts=(A, B))
+    c = env.client()
+    c.send(b"POST / HTTP/1.1\r\nhost: svc\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    # The retry starts while the body is unfinished.
+    await seen.until(lambda: len(tries) == 2)
+    assert tries[0].conn.server is not tries[1].conn.server    # previous_hosts
+    c.send(b"3\r\ndef\r\n0\r\n\r\n")
+    r = await c.response()
+    assert r.status == 200 and r.body == b"abcdef"
+    assert got == [b"abcdef"]
+    await env.close()
+
+
+@run
+async def test_per_try_timeout_retried_then_504_ut_urx() -> None:
+    async def never(req: UpReq) -> None:
+        await asyncio.Future()
+    servers = {A: Server(never), B: Server(never)}
+    policy = {"retry_on": "5xx", "num_retries": 1, "per_try_timeout": "0.05s"}
+    env = make_env(routes=[route(SVC, retry_policy=policy)], servers=servers, hosts=(A, B))
+    r = await env.client().request()
+    assert r.status == 504 and r.body == b"upstream request timeout"
+    assert servers[A].requests and servers[B].requests
+    info = await env.info()
+    assert flags(info) == {"UT", "URX"}
+    assert info.response_code_details == "upstream_per_try_timeout"
+    assert env.ccounter(SVC, "upstream_rq_per_try_timeout") == 2
+    # Each abandoned HTTP/1 upstream connection was closed (it cannot be reused mid-message).
+    await servers[A].conns[0].changed.until(lambda: servers[A].conns[0].lost)
+    await env.close()
+
+
+@run
+async def test_route_timeout_504_ut() -> None:
+    async def never(req: UpReq) -> None:
+        await asyncio.Future()
+    env = make_env(routes=[route(SVC, timeout="0.05s")], servers={A: Server(never)})
+    c = env.client()
+    r = await c.request()
+    assert r.status == 504 and r.body == b"upstream request timeout"
+    assert env.servers[A].requests[0].headers.get("x-envoy-expected-rq-timeout-ms") == "50"
+    info = await env.info()
+    assert flags(info) == {"UT"} and info.response_code_details == "upstream_response_timeout"
+    assert env.ccounter(SVC, "upstream_rq_timeout") == 1
+    await env.close()
+
+
+@run
+async def test_route_timeout_after_headers_resets_downstream() -> None:
+    """The total timeout also covers the body: after the headers went out Envoy can only
+    reset (HTTP/1: close the connection)."""
+    async def stall(req: UpReq) -> None:
+        await req.complete()
+        req.send_headers(200, [("content-length", "10")])
+        req.send_body(b"12345")
+        await asyncio.Future()
+    env = make_env(routes=[route(SVC, timeout="0.05s")], servers={A: Server(stall)})
+    c = env.client()
+    c.send(http1_request())
+    await c.closed()
+    assert c.end.data.startswith(b"HTTP/1.1 200 OK\r\n")
+    info = await env.info()
+    assert "UT" in flags(info)
+    await env.close()
+
+
+@run
+async def test_circuit_breaker_max_requests_503_uo() -> None:
+    gate = asyncio.Event()
+
+    async def held(req: UpReq) -> None:
+        await gate.wait()
+        await ok_handler(req)
+    env = make_env(servers={A: Server(held)},
+                   cluster_kw={"default_thresholds": Thresholds(max_requests=1)})
+    c1, c2 = env.client(), env.client()
+    c1.send(http1_request(path="/first"))
+    await env.servers[A].request()
+    r2 = await c2.request(path="/second")
+    assert r2.status == 503 and r2.get("x-envoy-overloaded") == "true"
+    assert r2.body.decode() == f"{RESET_BEFORE} reset reason: overflow"
+    info = await env.info()
+    assert flags(info) == {"UO"}
+    gate.set()
+    assert (await c1.response()).status == 200
+    assert env.ccounter(SVC, "upstream_rq_pending_overflow") == 1
+    await env.close()
+
+
+@run
+async def test_circuit_breaker_max_pending_requests_503_uo() -> None:
+    srv = Server()
+    srv.connect_gate = asyncio.get_running_loop().create_future()
+    env = make_env(servers={A: srv},
+                   cluster_kw={"default_thresholds": Thresholds(max_pending_requests=1)})
+    c1, c2 = env.client(), env.client()
+    c1.send(http1_request(path="/first"))
+    await srv.changed.until(lambda: srv.connects == 1)    # waiting for its connection
+    r2 = await c2.request(path="/second")
+    assert r2.status == 503 and r2.get("x-envoy-overloaded") == "true"
+    srv.connect_gate.set_result(None)
+    assert (await c1.response()).status == 200
+    assert env.ccounter(SVC, "upstream_rq_pending_overflow") == 1
+    await env.close()
+
+
+@run
+async def test_circuit_breaker_max_retries_stops_retrying() -> None:
+    servers = {A: Server(refuse=True), B: Server()}
+    env = make_env(routes=[route(SVC, retry_policy=ISTIO_RETRY)], servers=servers,
+                   hosts=(A, B), cluster_kw={"default_thresholds": Thresholds(max_retries=0)})
+    c = env.client()
+    r = await c.request()
+    if r.status == 200:                  # round robin started on B; the next goes to A
+        r = await c.request()
+    assert r.status == 503
+    info = env.infos[-1]
+    assert flags(info) == {"UF"}         # no retry happened, so no URX
+    assert env.ccounter(SVC, "upstream_rq_retry_overflow") == 1
+    await env.close()
+
+
+@run
+async def test_outlier_detection_ejects_a_failing_host() -> None:
+    async def busy(req: UpReq) -> None:
+        await req.complete()
+        req.respond(503)
+    servers = {A: Server(busy), B: Server()}
+    od = OutlierDetection(consecutive_5xx=2, base_ejection_time=30.0, max_ejection_percent=50)
+    env = make_env(servers=servers, hosts=(A, B), cluster_kw={"outlier_detection": od})
+    c = env.client()
+    statuses = [(await c.request()).status for _ in range(4)]
+    assert statuses.count(503) == 2      # round robin: A twice, then it is ejected
+    later = [(await c.request()).status for _ in range(4)]
+    assert later == [200] * 4
+    assert len(servers[A].requests) == 2
+    assert env.ccounter(SVC, "outlier_detection.ejections_enforced_total") == 1
+    assert env.stats.gauges[f"cluster.{SVC}.outlier_detection.ejections_active"] == 1
+    await env.close()
+
+
+@run
+async def test_fault_abort_and_delay() -> None:
+    abort = {"abort": {"http_status": 503, "percentage": {"numerator": 100}}}
+    delay = {"delay": {"fixed_delay": "0.02s", "percentage": {"numerator": 100}}}
+    routes = [
+        route(SVC, prefix="/abort", name="abort",
+              ) | {"typed_per_filter_config": {"envoy.filters.http.fault": {
+                  "@type": FAULT_TYPE, **abort}}},
+        route(SVC, prefix="/delay", name="delay",
+              ) | {"typed_per_filter_config": {"envoy.filters.http.fault": {
+                  "@type": FAULT_TYPE, **delay}}},
+    ]
+    env = make_env(routes=routes)
+    c = env.client()
+    r = await c.request(path="/abort")
+    assert r.status == 503 and r.body == b"fault filter abort"
+    info = await env.info(1)
+    assert flags(info) == {"FI"} and info.response_code_details == "fault_filter_abort"
+    assert not env.servers[A].requests
+    r = await c.request(path="/delay")
+    assert r.status == 200
+    assert flags(await env.info(2)) == {"DI"}
+    await env.close()
+
+
+@run
+async def test_unknown_cluster_503_nc() -> None:
+    env = make_env(routes=[route("outbound|8080||nope")])
+    r = await env.client().request()
+    assert r.status == 503
+    info = await env.info()
+    assert flags(info) == {"NC"} and info.response_code_details == "cluster_not_found"
+    await env.close()
+
+
+@run
+async def test_direct_response_and_redirect() -> None:
+    routes = [
+        {"name": "block", "match": {"prefix": "/blocked"},
+         "direct_response": {"status": 502, "body": {"inline_string": "nope"}}},
+        {"name": "moved", "match": {"prefix": "/old"},
+         "redirect": {"path_redirect": "/new", "response_code": "MOVED_PERMANENTLY"}},
+        route(SVC),
+    ]
+    env = make_env(routes=routes)
+    c = env.client()
+    r = await c.request(path="/blocked")
+    assert r.status == 502 and r.body == b"nope"
+    assert (await env.info(1)).response_code_details == "direct_response"
+    r = await c.request(path="/old")
+    assert r.status == 301 and r.get("location") == "http://svc/new"
+    assert not env.servers[A].requests
+    await env.close()
+
+
+@run
+async def test_downstream_disconnect_dc_resets_upstream() -> None:
+    async def never(req: UpReq) -> None:
+        await asyncio.Future()
+    env = make_env(servers={A: Server(never)})
+    c = env.client()
+    c.send(http1_request())
+    up = await env.servers[A].request()
+    c.transport.close()
+    info = await env.info()
+    assert "DC" in flags(info) and info.response_code == 0
+    # The HTTP/1 upstream connection under the abandoned request was closed.
+    await up.conn.changed.until(lambda: up.conn.lost)
+    assert env.stats.gauges[f"http.{env.config.stat_prefix}.downstream_rq_active"] == 0
+    await env.close()
+
+
+# ============================================================================ bad input
+
+
+async def _bad(env: Env, data: bytes) -> tuple[Any, Client]:
+    c = env.client()
+    c.send(data)
+    r = await c.response()
+    await c.closed()
+    return r, c
+
+
+@run
+async def test_malformed_request_line_400_and_close() -> None:
+    env = make_env()
+    r, _ = await _bad(env, b"GET / HTTP/1.1 extra\r\nhost: svc\r\n\r\n")
+    assert r.status == 400 and r.body == b"Bad Request"
+    assert r.get("connection") == "close"
+    info = await env.info()
+    assert flags(info) == {"DPE"} and info.response_code_details == "http1.codec_error"
+    assert not env.servers[A].requests
+    assert env.hcounter("downstream_cx_protocol_error") == 1
+    await env.close()
+
+
+@run
+async def test_oversized_headers_431() -> None:
+    """Envoy's limits: 60 KiB of headers, 100 header fields."""
+    env = make_env()
+    big = [("x-big", "a" * (61 * 1024))]
+    r, _ = await _bad(env, http1_request(headers=big))
+    assert r.status == 431 and r.body == b"Request Header Fields Too Large"
+    assert (await env.info(1)).response_code_details == "http1.headers_too_large"
+    many = [(f"x-h{i}", "v") for i in range(100)]     # + host = 101 fields
+    r, _ = await _bad(env, http1_request(headers=many))
+    assert r.status == 431
+    assert (await env.info(2)).response_code_details == "http1.too_many_headers"
+    # 99 + host is fine.
+    ok = await env.client().request(headers=many[:99])
+    assert ok.status == 200
+    assert not any(req.headers.get("x-big") for req in env.servers[A].requests)
+    await env.close()
+
+
+@run
+async def test_smuggling_content_length_with_chunked_400() -> None:
+    env = make_env()
+    smuggled = (b"POST / HTTP/1.1\r\nhost: svc\r\ncontent-length: 4\r\n"
+                b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+                b"GET /admin HTTP/1.1\r\nhost: svc\r\n\r\n")
+    r, _ = await _bad(env, smuggled)
+    assert r.status == 400
+    assert (await env.info()).response_code_details == \
+        "http1.content_length_and_chunked_not_allowed"
+    assert not env.servers[A].requests          # neither request went upstream
+    await env.close()
+
+
+@run
+async def test_smuggling_duplicate_content_length_400() -> None:
+    env = make_env()
+    r, _ = await _bad(env, b"POST / HTTP/1.1\r\nhost: svc\r\ncontent-length: 3\r\n"
+                           b"content-length: 30\r\n\r\nabcGET /x HTTP/1.1\r\n\r\n")
+    assert r.status == 400
+    assert not env.servers[A].requests
+    await env.close()
+
+
+@run
+async def test_unknown_transfer_coding_501() -> None:
+    env = make_env()
+    r, _ = await _bad(env, b"POST / HTTP/1.1\r\nhost: svc\r\ntransfer-encoding: gzip, chunked"
+                           b"\r\n\r\n0\r\n\r\n")
+    assert r.status == 501 and r.body == b"Not Implemented"
+    await env.close()
+
+
+@run
+async def test_good_pipelined_request_answered_before_protocol_error() -> None:
+    env = make_env()
+    c = env.client()
+    c.send(http1_request(path="/good") + b"NOT HTTP AT ALL\r\n\r\n")
+    r1 = await c.response()
+    r2 = await c.response()
+    await c.closed()
+    assert (r1.status, r1.body) == (200, b"ok /good")
+    assert r1.get("connection") is None           # the good one was not told to close
+    assert r2.status == 400 and r2.get("connection") == "close"
+    assert len(env.servers[A].requests) == 1
+    await env.close()
+
+
+@run
+async def test_slowloris_request_headers_timeout_408() -> None:
+    """``request_headers_timeout`` (off by default in Envoy; set here): a head that does not
+    complete in time gets 408; another connection is served meanwhile."""
+    env = make_env(request_headers_timeout="0.05s")
+    slow = env.client()
+    slow.send(b"GET / HTTP/1.1\r\nhost: svc\r\nx-a: ")
+    fast = env.client()
+    assert (await fast.request()).status == 200
+    r = await slow.response()
+    await slow.closed()
+    assert r.status == 408 and r.body == b"request header timeout"
+    info = await env.info(2)
+    assert info.response_code_details == "request_header_timeout"
+    assert env.hcounter("downstream_rq_timeout") == 1
+    await env.close()
+
+
+@run
+async def test_headers_timer_starts_with_the_first_byte() -> None:
+    """Envoy arms ``request_headers_timeout`` at the first byte of a head: an idle keep-alive
+    connection is the idle timeout's business, not a 408."""
+    env = make_env(request_headers_timeout="0.05s")
+    c = env.client()
+    await asyncio.sleep(0.08)            # longer than the timeout, nothing sent: no 408
+    assert not c.end.data and not c.end.eof
+    assert (await c.request()).status == 200
+    await env.close()
+
+
+@run
+async def test_bad_clients_do_not_affect_a_good_one() -> None:
+    env = make_env(request_headers_timeout="0.2s")
+    good = env.client()
+    c1 = env.client()
+    c1.send(b"\x00\x01\x02garbage\r\n\r\n")
+    c2 = env.client()
+    c2.send(http1_request(headers=[("x", "y" * 70000)]))
+    c3 = env.client()
+    c3.send(b"GET / HTTP/1.1\r\nhost")
+    r = await good.request()
+    assert r.status == 200
+    for c in (c1, c2, c3):
+        await c.closed()
+    assert (await good.request(path="/again")).body == b"ok /again"
+    await env.close()
+
+
+MALFORMED_PARTS = [
+    b"GET / HTTP/1.1\r\n", b"host: svc\r\n", b"\r\n", b"content-length: 5\r\n",
+    b"content-length: -1\r\n", b"transfer-encoding: chunked\r\n", b"0\r\n\r\n",
+    b"zz\r\n", b"\x00", b"\xff\xfe", b" ", b"\n", b"POST /x HTTP/1.0\r\n",
+    b"GET http://svc/abs HTTP/1.1\r\n", b"connection: upgrade\r\nupgrade: websocket\r\n",
+    b"expect: 100-continue\r\n", b"a" * 300, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    b"x-y: \x7f\r\n", b"GET / HTTP/9.9\r\n", b"hello",
+]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.one_of(st.sampled_from(MALFORMED_PARTS), st.binary(max_size=40)),
+                max_size=12),
+       st.integers(min_value=1, max_value=64), st.booleans())
+def test_fuzz_malformed_requests(parts: list[bytes], split: int, eof: bool) -> None:
+    """Whatever arrives, the connection ends or answers with well-framed HTTP/1.1, no
+    stream dies of an exception, and a neighbouring connection still works."""
+    async def body() -> None:
+        env = make_env(request_headers_timeout="0.2s")
+        c = env.client()
+        data = b"".join(parts)
+        for i in range(0, len(data), split):
+            c.send(data[i:i + split])
+        if eof:
+            c.shutdown()
+        good = env.client()
+        assert (await good.request()).status == 200
+        # Drain what the bad client gets: every message must parse.
+        while True:
+            try:
+                r = await c.response(timeout=1.0)
+            except (ConnectionError, TimeoutError):
+                break
+            assert 100 <= r.status < 600
+        await env.close()
+    asyncio.run(asyncio.wait_for(body(), 10))
+
+
+# ============================================================================ 100-continue
+
+
+@run
+async def test_expect_100_continue_answered_by_envoy_by_default() -> None:
+    """``proxy_100_continue: false`` (Envoy's default): Envoy answers 100 itself and drops
+    ``Expect`` from the upstream request."""
+    env = make_env()
+    c = env.client()
+    c.send(b"POST / HTTP/1.1\r\nhost: svc\r\ncontent-length: 3\r\nexpect: 100-continue\r\n\r\n")
+    r = await c.response()
+    assert r.status == 100
+    c.send(b"abc")
+    r = await c.response()
+    assert r.status == 200
+    up = env.servers[A].requests[0]
+    assert "expect" not in up.headers and bytes(up.body) == b"abc"
+    await env.close()
+
+
+@run
+async def test_expect_100_continue_proxied_when_configured() -> None:
+    async def handler(req: UpReq) -> None:
+        assert req.headers.get("expect") == "100-continue"
+        req.informational(100)
+        await req.complete()
+        req.respond(201, bytes(req.body))
+    env = make_env(servers={A: Server(handler)}, proxy_100_continue=True)
+    c = env.client()
+    c.send(b"POST / HTTP/1.1\r\nhost: svc\r\ncontent-length: 3\r\nexpect: 100-continue\r\n\r\n")
+    r = await c.response()
+    assert r.status == 100
+    c.send(b"xyz")
+    r = await c.response()
+    assert r.status == 201 and r.body == b"xyz"
+    await env.close()
+
+
+# ============================================================================ upgrades
+
+
+async def _ws_handler(req: UpReq) -> None:
+    """Accept the upgrade, then echo tunnel bytes upper-cased until EOF."""
+    assert req.upgrade == "websocket"
+    req.send_headers(101, [("upgrade", "websocket")])
+    conn = req.conn
+    conn._dispatch(conn.codec.resume())      # the codec's contract: early tunnel bytes
+    seen = 0
+    while True:
+        await req.changed.until(
+            lambda n=seen: len(req.body) > n or req.ended or req.reset)  # type: ignore[misc]
+        if len(req.body) > seen:
+            conn.codec.send_body(req.stream, bytes(req.body[seen:]).upper())
+            conn.flush()
+            seen = len(req.body)
+        if req.ended or req.reset:
+            break
+    conn.transport.close()
+
+
+WS_REQUEST = (b"GET /chat HTTP/1.1\r\nhost: svc\r\nconnection: Upgrade\r\nupgrade: websocket\r\n"
+              b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n")
+
+
+@run
+async def test_websocket_upgrade_tunnels_both_ways() -> None:
+    env = make_env(servers={A: Server(_ws_handler)})
+    c = env.client()
+    c.send(WS_REQUEST + b"early")        # tunnel bytes right behind the head
+    r = await c.response()
+    assert r.status == 101 and r.get("upgrade") == "websocket"
+    up = env.servers[A].requests[0]
+    assert up.headers.get("upgrade") == "websocket"
+    assert up.headers.get("sec-websocket-key") == "dGhlIHNhbXBsZSBub25jZQ=="
+    await c.end.until(lambda: c.rest == b"EARLY")
+    c.send(b"more")
+    await c.end.until(lambda: c.rest == b"EARLYMORE")
+    # The client half-closes: the upstream sees EOF, closes, and so does the proxy.
+    c.shutdown()
+    await c.closed()
+    info = await env.info()
+    assert up.ended                      # the half-close reached the upstream as EOF
+    assert info.response_code == 101 and not info.response_flags
+    assert info.bytes_received == len(b"earlymore") and info.bytes_sent == len(b"EARLYMORE")
+    await env.close()
+
+
+@run
+async def test_websocket_refused_by_upstream_connection_goes_on() -> None:
+    async def refuse(req: UpReq) -> None:
+        if not req.upgrade:
+            await ok_handler(req)
+            return
+        req.respond(403, b"no ws")       # answered at once: no EndStream before an answer
+    env = make_env(servers={A: Server(refuse)})
+    c = env.client()
+    c.send(WS_REQUEST)
+    r = await c.response()
+    assert r.status == 403 and r.body == b"no ws"
+    info = await env.info()
+    assert info.response_code == 403
+    r = await c.request(path="/after")
+    assert r.status == 200
+    await env.close()
+
+
+@run
+async def test_websocket_on_route_without_upgrade_403() -> None:
+    env = make_env(upgrade_configs=[])
+    c = env.client()
+    c.send(WS_REQUEST)
+    r = await c.response()
+    assert r.status == 403
+    info = await env.info()
+    assert info.response_code_details == "upgrade_failed"
+    assert env.hcounter("downstream_rq_ws_on_non_ws_route") == 1
+    assert not env.servers[A].requests
+    await env.close()
+
+
+# ============================================================================ HTTP/2
+
+
+class H2Client:
+    """A prior-knowledge HTTP/2 client on the real client codec."""
+
+    def __init__(self, env: Env) -> None:
+        self.c = env.client()
+        self.codec = H2ClientCodec()
+        self.heads: dict[int, Any] = {}
+        self.bodies: dict[int, bytearray] = {}
+        self.ended: dict[int, Any] = {}
+        self.pos = 0
+        self.flush()
+
+    def flush(self) -> None:
+        out = self.codec.data_to_send()
+        if out:
+            self.c.send(out)
+
+    def _pump(self) -> None:
+        data = bytes(self.c.end.data[self.pos:])
+        self.pos = len(self.c.end.data)
+        if data:
+            for ev in self.codec.receive(data):
+                if isinstance(ev, ResponseHeaders):
+                    self.heads[ev.stream] = ev.head
+                    self.bodies[ev.stream] = bytearray()
+                    if ev.end_stream:
+                        self.ended[ev.stream] = None
+                elif isinstance(ev, Body):
+                    self.bodies[ev.stream] += ev.data
+                    self.codec.consumed(ev.stream, len(ev.data))
+                elif isinstance(ev, EndStream):
+                    self.ended[ev.stream] = ev.trailers
+                elif isinstance(ev, Writable):
+                    pass
+            self.flush()
+
+    def request(self, method: str, path: str, headers: list[tuple[str, str]] = (),  # type: ignore[assignment]
+                body: bytes = b"", trailers: list[tuple[str, str]] | None = None) -> int:
+        from remora.proxy.http.types import HeaderMap
+        sid = self.codec.new_stream()
+        self.codec.send_headers(sid, request_head(method, path, "svc", headers),
+                                not body and trailers is None)
+        if body:
+            self.codec.send_body(sid, body)
+        if body or trailers is not None:
+            self.codec.send_end(sid, HeaderMap(trailers) if trailers else None)
+        self.flush()
+        return sid
+
+    async def response(self, sid: int) -> tuple[Any, bytes, Any]:
+        def done() -> bool:
+            self._pump()
+            return sid in self.ended
+        await self.c.end.until(done)
+        return self.heads[sid], bytes(self.bodies[sid]), self.ended[sid]
+
+
+@run
+async def test_http2_prior_knowledge_concurrent_streams() -> None:
+    release = asyncio.Event()
+
+    async def handler(req: UpReq) -> None:
+        await req.complete()
+        if req.head.path == "/slow":
+            await release.wait()
+        req.respond(200, req.head.path.encode())
+    env = make_env(servers={A: Server(handler)})
+    h = H2Client(env)
+    s1 = h.request("GET", "/slow")
+    s3 = h.request("GET", "/fast")
+    head3, body3, _ = await h.response(s3)     # not blocked behind /slow
+    assert head3.status == 200 and body3 == b"/fast"
+    assert head3.headers.get("server") == "envoy"
+    release.set()
+    _, body1, _ = await h.response(s1)
+    assert body1 == b"/slow"
+    assert env.hcounter("downstream_cx_http2_total") == 1
+    assert {i.protocol for i in env.infos} == {"HTTP/2"}
+    await env.close()
+
+
+@run
+async def test_http2_downstream_flow_control_large_bodies() -> None:
+    """More than a stream window (256 KiB) each way: the HCM must give the downstream window
+    back (``consumed``) as it forwards request bytes, and resume on ``Writable``."""
+    size = 1 << 20
+
+    async def echo_len(req: UpReq) -> None:
+        await req.complete()
+        req.respond(200, b"z" * size, [("x-got", str(len(req.body)))])
+    env = make_env(servers={A: Server(echo_len)})
+    h = H2Client(env)
+    sid = h.request("POST", "/up", [("content-length", str(size))], body=b"y" * size)
+    head, body, _ = await h.response(sid)
+    assert head.headers.get("x-got") == str(size)
+    assert len(body) == size
+    await env.close()
+
+
+@run
+async def test_h2c_upgrade_downstream() -> None:
+    env = make_env()
+    c = env.client()
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    settings_header = conn.initiate_upgrade_connection().decode()
+    c.send(b"GET /up HTTP/1.1\r\nhost: svc\r\nconnection: Upgrade, HTTP2-Settings\r\n"
+           b"upgrade: h2c\r\nhttp2-settings: " + settings_header.encode() + b"\r\n\r\n")
+    r = await c.response()
+    assert r.status == 101 and r.get("upgrade") == "h2c"
+    conn.initiate_connection()
+    c.send(conn.data_to_send())
+    got: dict[str, Any] = {"headers": None, "body": b"", "end": False}
+
+    def pump() -> bool:
+        data = c.rest
+        c.pos += len(data)
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == 1:
+                got["headers"] = dict(ev.headers)
+            elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == 1:
+                got["body"] += ev.data
+                conn.acknowledge_received_data(ev.flow_controlled_length, 1)
+            elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == 1:
+                got["end"] = True
+        out = conn.data_to_send()
+        if out:
+            c.send(out)
+        return bool(got["end"])
+    await c.end.until(pump)
+    assert got["headers"][b":status"] == b"200" and got["body"] == b"ok /up"
+    await env.close()
+
+
+@run
+async def test_http2_upstream_grpc_with_trailers() -> None:
+    async def grpc(req: UpReq) -> None:
+        await req.complete()
+        assert req.head.protocol == "HTTP/2" and req.headers.get("te") == "trailers"
+        req.send_headers(200, [("content-type", "application/grpc")])
+        req.send_body(b"\x00\x00\x00\x00\x02hi")
+        req.send_end([("grpc-status", "0"), ("grpc-message", "")])
+    env = make_env(servers={A: Server(grpc, protocol="HTTP/2")},
+                   cluster_kw={"http_protocol": "HTTP2"})
+    h = H2Client(env)
+    sid = h.request("POST", "/pkg.Svc/Call", [("content-type", "application/grpc"),
+                                              ("te", "trailers")],
+                    body=b"\x00\x00\x00\x00\x01x")
+    head, body, trailers = await h.response(sid)
+    assert head.status == 200 and body == b"\x00\x00\x00\x00\x02hi"
+    assert trailers is not None and trailers.get("grpc-status") == "0"
+    info = await env.info()
+    assert info.grpc_status == 0
+    # Two calls share one upstream HTTP/2 connection.
+    sid = h.request("POST", "/pkg.Svc/Call", [("content-type", "application/grpc"),
+                                              ("te", "trailers")], body=b"\x00\x00\x00\x00\x00")
+    await h.response(sid)
+    assert len(env.servers[A].conns) == 1
+    await env.close()
+
+
+# ============================================================================ mirroring
+
+
+@run
+async def test_request_mirroring_sends_a_shadow_copy() -> None:
+    shadow = "outbound|8080||shadow.default.svc.cluster.local"
+    mirror_srv = Server()
+    servers = {A: Server(), "10.3.0.9:8080": mirror_srv}
+    env = make_env(routes=[route(SVC, request_mirror_policies=[{"cluster": shadow}])],
+                   servers=servers, extra_clusters=(cluster(shadow, ["10.3.0.9:8080"]),))
+    c = env.client()
+    r = await c.request("POST", "/m", body=b"payload")
+    assert r.status == 200 and r.body == b"ok /m"
+    got = await mirror_srv.request()
+    await got.complete()
+    assert got.head.authority == "svc-shadow" and bytes(got.body) == b"payload"
+    await env.close()
+
+
+# ============================================================================ harness check
+
+
+@run
+async def test_harness_pipe_backpressure() -> None:
+    """The fake transports pause the writer once 64 KiB wait unread (the HCM relies on it)."""
+    from tests.unit.proxy.http.harness import Collector
+    loop = asyncio.get_running_loop()
+    a, b = Collector(), Collector()
+    paused: list[bool] = []
+    a.pause_writing = lambda: paused.append(True)  # type: ignore[method-assign]
+    a.resume_writing = lambda: paused.append(False)  # type: ignore[method-assign]
+    ta, tb = pipe(loop, a, b)
+    tb.pause_reading()
+    ta.write(b"x" * 70000)
+    assert paused == [True]
+    tb.resume_reading()
+    await b.until(lambda: len(b.data) == 70000)
+    assert paused == [True, False]
