@@ -158,16 +158,17 @@ class FakeTransport(asyncio.Transport):
             self.loop.call_soon(self._pump)
 
     def _pump(self) -> None:
+        # One read per loop turn, as a selector transport does (one recv per readiness).
         self._pump_scheduled = False
-        while self.inq and not self.paused and not self.lost:
+        if self.inq and not self.paused and not self.lost:
             item = self.inq.popleft()
             if item is _EOF:
-                keep_open = self.protocol.eof_received()
-                if not keep_open:
+                if not self.protocol.eof_received():
                     self.close()
-                continue
-            self.queued -= len(item)
-            self.protocol.data_received(item)
+            else:
+                self.queued -= len(item)
+                self.protocol.data_received(item)
+            self._schedule()
         peer = self.peer
         if peer is not None and peer.write_paused and self.queued <= HIGH_WATER // 4 \
                 and not peer.lost:

@@ -63,6 +63,16 @@ def make_env(*, routes: list[dict[str, Any]] | None = None, servers: dict[str, S
     return Env(hcm_dict(vhosts, **hcm), clusters, servers)
 
 
+async def settle(pred: Callable[[], Any], rounds: int = 500) -> Any:
+    """Yield to the loop until ``pred()`` holds (bounded number of loop turns, no timers)."""
+    for _ in range(rounds):
+        got = pred()
+        if got:
+            return got
+        await asyncio.sleep(0)
+    return pred()
+
+
 def flags(info: Any) -> set[str]:
     return set(info.response_flags)
 
@@ -889,6 +899,8 @@ class H2Client:
         self.bodies: dict[int, bytearray] = {}
         self.ended: dict[int, Any] = {}
         self.pos = 0
+        self.consume = True          # give the window back as bytes arrive
+        self.unconsumed: dict[int, int] = {}
         self.flush()
 
     def flush(self) -> None:
@@ -908,7 +920,11 @@ class H2Client:
                         self.ended[ev.stream] = None
                 elif isinstance(ev, Body):
                     self.bodies[ev.stream] += ev.data
-                    self.codec.consumed(ev.stream, len(ev.data))
+                    if self.consume:
+                        self.codec.consumed(ev.stream, len(ev.data))
+                    else:
+                        self.unconsumed[ev.stream] = \
+                            self.unconsumed.get(ev.stream, 0) + len(ev.data)
                 elif isinstance(ev, EndStream):
                     self.ended[ev.stream] = ev.trailers
                 elif isinstance(ev, Writable):
@@ -927,6 +943,13 @@ class H2Client:
             self.codec.send_end(sid, HeaderMap(trailers) if trailers else None)
         self.flush()
         return sid
+
+    def give_back(self) -> None:
+        self.consume = True
+        for sid, n in self.unconsumed.items():
+            self.codec.consumed(sid, n)
+        self.unconsumed.clear()
+        self.flush()
 
     async def response(self, sid: int) -> tuple[Any, bytes, Any]:
         def done() -> bool:
@@ -975,6 +998,47 @@ async def test_http2_downstream_flow_control_large_bodies() -> None:
     head, body, _ = await h.response(sid)
     assert head.headers.get("x-got") == str(size)
     assert len(body) == size
+    await env.close()
+
+
+@run
+async def test_http2_downstream_window_pauses_upstream_until_writable() -> None:
+    """A client that does not give its stream window back: the codec holds the response,
+    the proxy stops reading the upstream; WINDOW_UPDATE → ``Writable`` → reading resumes."""
+    size = 1 << 20
+    writable: list[int] = []
+
+    async def big(req: UpReq) -> None:
+        await req.complete()
+        req.send_headers(200, [("content-length", str(size))])
+        for _ in range(size // 16384):
+            req.send_body(b"w" * 16384)
+        req.send_end()
+    env = make_env(servers={A: Server(big)})
+    h = H2Client(env)
+    h.consume = False
+    sid = h.request("GET", "/big")
+    srv = env.servers[A]
+    await srv.request()
+    proxy_side = srv.conns[0].transport.peer
+    assert proxy_side is not None
+
+    def window_closed() -> bool:
+        h._pump()
+        return proxy_side.paused
+    assert await settle(window_closed), "upstream not paused by the closed HTTP/2 window"
+    assert sum(len(b) for b in h.bodies.values()) < size
+    conn = env.clients[0].conn
+    orig = conn._dispatch
+
+    def spy(events: list[Any]) -> None:
+        writable.extend(e.stream for e in events if isinstance(e, Writable))
+        orig(events)
+    conn._dispatch = spy  # type: ignore[method-assign]
+    h.give_back()
+    _, body, _ = await h.response(sid)
+    assert len(body) == size
+    assert writable and set(writable) == {sid}
     await env.close()
 
 
@@ -1077,3 +1141,150 @@ async def test_harness_pipe_backpressure() -> None:
     tb.resume_reading()
     await b.until(lambda: len(b.data) == 70000)
     assert paused == [True, False]
+
+
+# ============================================================================ more failure paths
+
+
+@run
+async def test_upstream_reset_after_headers_resets_downstream() -> None:
+    """After the response started there is nothing to replace it with: Envoy resets the
+    downstream (HTTP/1: closes the connection mid-body), flag UC."""
+    async def cut(req: UpReq) -> None:
+        await req.complete()
+        req.send_headers(200, [("content-length", "100")])
+        req.send_body(b"partial")
+        await asyncio.sleep(0)
+        req.close()
+    env = make_env(servers={A: Server(cut)})
+    c = env.client()
+    c.send(http1_request())
+    await c.closed()
+    assert c.end.data.startswith(b"HTTP/1.1 200 OK") and c.end.data.endswith(b"partial")
+    info = await env.info()
+    assert "UC" in flags(info)
+    assert info.response_code_details == \
+        "upstream_reset_after_response_started{connection_termination}"
+    await env.close()
+
+
+@run
+async def test_downstream_backpressure_pauses_the_upstream() -> None:
+    """A client that stops reading: the downstream socket's buffer fills (pause_writing),
+    so the proxy stops reading the upstream; nothing is lost when the client reads again."""
+    size = 512 * 1024
+    sent = asyncio.Event()
+
+    async def big(req: UpReq) -> None:
+        await req.complete()
+        req.send_headers(200, [("content-length", str(size))])
+        for _ in range(size // 16384):
+            req.send_body(b"b" * 16384)
+        sent.set()
+        req.conn.answered(req)
+    env = make_env(servers={A: Server(big)})
+    c = env.client()
+    c.transport.pause_reading()          # the app does not read
+    c.send(http1_request())
+    await sent.wait()
+    up = env.servers[A].conns[0]
+    proxy_side = up.transport.peer
+    assert proxy_side is not None
+    # Let the queued deliveries run (bounded): the proxy must stop reading the upstream.
+    assert await settle(lambda: proxy_side.paused), \
+        "upstream reading not paused while the downstream is full"
+    assert proxy_side.queued > 0         # upstream bytes left unread, not buffered in Python
+    assert len(c.end.data) < size
+    c.transport.resume_reading()
+    r = await c.response()
+    assert len(r.body) == size
+    await env.close()
+
+
+@run
+async def test_http2_client_reset_abandons_upstream_request() -> None:
+    async def handler(req: UpReq) -> None:
+        if req.head.path == "/hang":
+            await asyncio.Future()
+        await ok_handler(req)
+    env = make_env(servers={A: Server(handler)})
+    h = H2Client(env)
+    sid = h.request("GET", "/hang")
+    up = await env.servers[A].request()
+    h.codec.reset(sid)
+    h.flush()
+    info = await env.info()
+    assert "DC" in flags(info)
+    assert env.hcounter("downstream_rq_rx_reset") == 1
+    await up.conn.changed.until(lambda: up.conn.lost)
+    # The HTTP/2 connection itself goes on.
+    head, body, _ = await h.response(h.request("GET", "/next"))
+    assert head.status == 200 and body == b"ok /next"
+    await env.close()
+
+
+@run
+async def test_http2_local_reply() -> None:
+    env = make_env(hosts=())
+    h = H2Client(env)
+    head, body, _ = await h.response(h.request("GET", "/"))
+    assert head.status == 503 and body == b"no healthy upstream"
+    assert head.headers.get("content-type") == "text/plain"
+    assert "connection" not in head.headers
+    await env.close()
+
+
+@run
+async def test_head_204_and_connection_close_framing() -> None:
+    async def handler(req: UpReq) -> None:
+        await req.complete()
+        if req.head.method == "HEAD":
+            req.send_headers(200, [("content-length", "1234")], end=True)
+        elif req.head.path == "/empty":
+            req.send_headers(204, [], end=True)
+        else:
+            await ok_handler(req)
+    env = make_env(servers={A: Server(handler)})
+    c = env.client()
+    r = await c.request("HEAD", "/h")
+    assert r.status == 200 and r.get("content-length") == "1234"
+    r = await c.request("GET", "/empty")
+    assert r.status == 204 and r.get("content-length") is None
+    r = await c.request("GET", "/last", headers=[("connection", "close")])
+    assert r.status == 200 and r.body == b"ok /last" and r.get("connection") == "close"
+    await c.closed()
+    assert c.rest == b""
+    await env.close()
+
+
+@run
+async def test_http10_request_gets_a_close_delimited_or_sized_answer() -> None:
+    env = make_env()
+    c = env.client()
+    c.send(b"GET /old HTTP/1.0\r\nhost: svc\r\n\r\n")
+    r = await c.response()
+    await c.closed()
+    assert r.status == 200 and r.body == b"ok /old"
+    await env.close()
+
+
+@run
+async def test_per_try_timeout_sets_expected_timeout_header() -> None:
+    policy = {"retry_on": "5xx", "num_retries": 1, "per_try_timeout": "0.5s"}
+    env = make_env(routes=[route(SVC, timeout="2s", retry_policy=policy)])
+    assert (await env.client().request()).status == 200
+    assert env.servers[A].requests[0].headers.get("x-envoy-expected-rq-timeout-ms") == "500"
+    await env.close()
+
+
+@run
+async def test_idle_pooled_connection_closed_by_upstream_is_not_reused() -> None:
+    async def close_after(req: UpReq) -> None:
+        await req.complete()
+        req.respond(200, b"x", [("connection", "close")])
+    env = make_env(servers={A: Server(close_after)})
+    c = env.client()
+    assert (await c.request()).status == 200
+    assert (await c.request()).status == 200
+    assert len(env.servers[A].conns) == 2
+    await env.close()
