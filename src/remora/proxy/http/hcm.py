@@ -396,6 +396,13 @@ class _Downstream(asyncio.Protocol):
         return True
 
     def _protocol_error(self, ev: ProtocolError) -> None:
+        if self.h1 and not ev.status and ev.details == "http1.codec_error":
+            # The H1 codec's EOF in the middle of a request: for Envoy that is the client
+            # closing (remote close, DC), not a protocol error.
+            for st in list(self.streams.values()):
+                st.downstream_reset("DC")
+            self.close()
+            return
         self.hcm.stats.inc(self.hcm.s["downstream_cx_protocol_error"])
         s = self.streams.get(ev.stream) if ev.stream else None
         if s is None and len(self.streams) == 1 and self.h1:

@@ -1288,3 +1288,24 @@ async def test_idle_pooled_connection_closed_by_upstream_is_not_reused() -> None
     assert (await c.request()).status == 200
     assert len(env.servers[A].conns) == 2
     await env.close()
+
+
+@run
+async def test_client_gone_mid_request_body_is_dc_not_a_protocol_error() -> None:
+    """EOF in the middle of a request body: Envoy sees a remote close (HTTP connections are
+    not half-closed) and resets the stream as DC, without counting a protocol error."""
+    async def wait_body(req: UpReq) -> None:
+        await req.complete()
+        req.respond(200)
+    env = make_env(servers={A: Server(wait_body)})
+    c = env.client()
+    c.send(b"POST / HTTP/1.1\r\nhost: svc\r\ncontent-length: 10\r\n\r\nabc")
+    up = await env.servers[A].request()
+    c.shutdown()
+    info = await env.info()
+    assert flags(info) == {"DC"}
+    assert info.response_code_details == "downstream_remote_disconnect"
+    assert env.hcounter("downstream_cx_protocol_error") == 0
+    await up.conn.changed.until(lambda: up.conn.lost)
+    await c.closed()
+    await env.close()
