@@ -5,7 +5,8 @@
   request (path, headers, peer, body size read in 1 MiB chunks); ``GET /bytes/N`` streams N
   bytes; ``reset`` aborts each connection (RST) as soon as a request
   head arrives; ``fail`` answers 503. ``GET /__hits`` answers the number of other requests
-  seen (the test asks the server directly, not through a proxy). Prints ``ready``.
+  seen (the test asks the server directly, not through a proxy); ``collector`` is a Zipkin
+  collector that prints ``spans <body>`` for each POST. Prints ``ready``.
 * ``grpc-serve --listen IP:PORT``: a gRPC server (grpcio, generic handlers, raw bytes):
   ``/remora.Echo/Unary`` echoes the request, ``/remora.Echo/Stream`` echoes each message of a
   bidirectional stream. Prints ``ready``.
@@ -59,11 +60,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self) -> None:
         length = int(self.headers.get("content-length") or 0)
         received = 0
+        self._body = b""
         while received < length:     # in chunks: uploads may be GiBs
             chunk = self.rfile.read(min(1 << 20, length - received))
             if not chunk:
                 break
             received += len(chunk)
+            if self.server.mode == "collector":
+                self._body += chunk
         if self.path.startswith("/bytes/"):
             self._stream(int(self.path.split("/")[2]))
             return
@@ -79,6 +83,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         with self.server.lock:
             self.server.hits += 1
+        if self.server.mode == "collector":
+            _say("spans " + self._body.decode("utf-8", "replace"))
+            self.send_response(202)
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
         if self.server.mode == "reset":
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                        struct.pack("ii", 1, 0))
@@ -201,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve")
     s.add_argument("--listen", action="append", required=True)
     s.add_argument("--name", required=True)
-    s.add_argument("--mode", choices=("ok", "reset", "fail"), default="ok")
+    s.add_argument("--mode", choices=("ok", "reset", "fail", "collector"), default="ok")
     g = sub.add_parser("grpc-serve")
     g.add_argument("--listen", required=True)
     c = sub.add_parser("grpc-call")

@@ -90,6 +90,14 @@ ISTIO_LOG_FORMAT = (
     '"%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" "%UPSTREAM_HOST%" %UPSTREAM_CLUSTER_RAW% '
     '%UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% '
     '%REQUESTED_SERVER_NAME% %ROUTE_NAME%\n')
+ZIPKIN = "10.3.0.40"
+# Istio's Zipkin tracer settings (meshConfig.defaultConfig.tracing.zipkin), 100 % sampling.
+TRACING = {"random_sampling": {"value": 100}, "provider": {
+    "name": "envoy.tracers.zipkin", "typed_config": {
+        "@type": "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig",
+        "collector_cluster": "zipkin", "collector_endpoint": "/api/v2/spans",
+        "collector_endpoint_version": "HTTP_JSON", "trace_id_128bit": True,
+        "shared_span_context": False}}}
 ACCESS_LOG = [{"name": "envoy.access_loggers.file", "typed_config": {
     "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
     "path": "/dev/stdout", "log_format": {"text_format_source": {
@@ -131,7 +139,7 @@ def _outbound_http_listener(port: int, rds_path: str) -> dict[str, Any]:
                                  "path_config_source": {"path": rds_path}}},
                              "http_filters": _http_filters(),
                              "upgrade_configs": [{"upgrade_type": "websocket"}],
-                             "access_log": ACCESS_LOG,
+                             "access_log": ACCESS_LOG, "tracing": TRACING,
                              "use_remote_address": False, "normalize_path": True,
                              "stream_idle_timeout": "0s"}}]}],
         "default_filter_chain": _tcp_chain("PassthroughFilterChain", "PassthroughCluster"),
@@ -222,6 +230,7 @@ def bootstrap_a(rds_path: str) -> dict[str, Any]:
         clusters.append(_cluster(f"outbound|8080||{svc}.{NS}", ips, 8080, **extra))
     clusters.append(_cluster(f"outbound|9090||grpc.{NS}", [POD_B], 9090,
                              typed_extension_protocol_options=H2))
+    clusters.append(_cluster("zipkin", [ZIPKIN], 8080))
     return {
         "node": {"id": f"sidecar~{POD_A}~client-1.default~{NS}", "cluster": "client.default",
                  "metadata": {"NAME": "client-1", "NAMESPACE": "default",
@@ -302,7 +311,9 @@ class Proc:
 
     def _read(self, stream: Any, ready: str) -> None:
         for line in stream:
-            self.lines.append(line.rstrip("\n"))
+            with self._new_line:
+                self.lines.append(line.rstrip("\n"))
+                self._new_line.notify_all()
             if ready in line:
                 self._ready.set()
         self._ready.set()
@@ -353,6 +364,7 @@ def _tool_env() -> dict[str, str]:
 class Mesh:
     a: netns.Netns
     b: netns.Netns
+    collector: Proc
     sidecar_a: Proc
     sidecar_b: Proc
     tmp: Path
@@ -414,9 +426,8 @@ def make_mesh(tmp: Path) -> Iterator[Mesh]:
     with netns.netns_pair(prefix=PREFIX, a_role="httpa", b_role="httpb",
                           a_addresses=[f"{POD_A}/24"], b_addresses=[f"{POD_B}/24"]) as pair:
         a, b = pair.a.netns, pair.b.netns
-        for _, ips in SERVICES.values():
-            for ip in ips:
-                b.run(["ip", "addr", "add", f"{ip}/32", "dev", "lo"])
+        for ip in [ip for _, ips in SERVICES.values() for ip in ips] + [ZIPKIN]:
+            b.run(["ip", "addr", "add", f"{ip}/32", "dev", "lo"])
         remora_iptables(a, "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT",
                         "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020")
         remora_iptables(b, "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT",
@@ -433,7 +444,8 @@ def make_mesh(tmp: Path) -> Iterator[Mesh]:
                                     ("flaky-reset", "reset", ["10.3.0.20"]),
                                     ("flaky-ok", "ok", ["10.3.0.21"]),
                                     ("outlier-bad", "fail", ["10.3.0.30"]),
-                                    ("outlier-ok", "ok", ["10.3.0.31"])):
+                                    ("outlier-ok", "ok", ["10.3.0.31"]),
+                                    ("zipkin", "collector", [ZIPKIN])):
                 args = [a for ip in ips for a in ("--listen", f"{ip}:8080")]
                 p = Proc(b, [*py, "serve", *args, "--name", name, "--mode", mode],
                          ready="ready", env=_tool_env())
@@ -453,7 +465,9 @@ def make_mesh(tmp: Path) -> Iterator[Mesh]:
             procs.append(side_b)
             side_a.wait_ready()
             side_b.wait_ready()
-            yield Mesh(a=a, b=b, sidecar_a=side_a, sidecar_b=side_b, tmp=tmp)
+            collector = next(p for p in procs if "collector" in p.proc.args)
+            yield Mesh(a=a, b=b, collector=collector, sidecar_a=side_a, sidecar_b=side_b,
+                       tmp=tmp)
         finally:
             for p in reversed(procs):
                 p.stop()
@@ -667,3 +681,24 @@ def test_websocket_upgrade_is_tunnelled(mesh: Mesh) -> None:
     assert head.startswith(b"HTTP/1.1 101"), head
     assert b"upgrade: websocket" in head.lower()
     assert echoed == b"hello over the tunnel"
+
+
+def test_trace_context_propagated_and_span_reported(mesh: Mesh) -> None:
+    """B3 headers go upstream (a new 128-bit trace here, and a caller's trace kept), and the
+    outbound sidecar reports a CLIENT span to the Zipkin collector."""
+    [(status, body, _)] = mesh.requests("demoappv10", SERVICES["demoappv10"][0], 1,
+                                        path="/traced")
+    assert status == 200 and body is not None
+    sent = body["headers"]
+    trace, span = sent["x-b3-traceid"], sent["x-b3-spanid"]
+    assert len(trace) == 32 and len(span) == 16 and sent["x-b3-sampled"] == "1"
+    assert "x-b3-parentspanid" not in sent
+    line = mesh.collector.wait_line(trace, timeout=15)   # the reporter flushes every 5 s
+    spans = json.loads(line.split(" ", 1)[1])
+    mine = next(s for s in spans if s["traceId"] == trace)
+    assert mine["id"] == span and mine["kind"] == "CLIENT"
+    assert mine["name"] == "egress"
+    assert mine["tags"]["http.url"] == "http://demoappv10/traced"
+    assert mine["tags"]["http.status_code"] == "200"
+    assert mine["tags"]["upstream_cluster.name"] == f"outbound|8080||demoappv10.{NS}"
+    assert mine["localEndpoint"]["serviceName"] == "client.default"

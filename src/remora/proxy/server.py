@@ -129,6 +129,7 @@ class Worker:
         self._lstats = {li.name: _ListenerStats(self.stats, li) for li in snapshot.listeners}
         self._filters: dict[int, TcpProxyFilter | HttpConnectionManager] = {}
         self.http = HttpContext(self.clusters, self.stats, self.rng, node_id=snapshot.node.id,
+                                node_cluster=snapshot.node.cluster,
                                 node_metadata=snapshot.node.metadata)
         for li in snapshot.listeners:
             for chain in (*li.filter_chains, *([li.default_filter_chain]
@@ -209,6 +210,9 @@ class Worker:
             if self._drain_timer is not None:
                 self._drain_timer.cancel()
             self.close_sockets()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5.0):
+                    await self.http.stop_tracing()
             self.http.close()
             stop_clusters(self.clusters)
 

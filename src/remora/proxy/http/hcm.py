@@ -28,11 +28,12 @@ import random
 import socket
 import time
 import typing
+import urllib.parse
 import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from remora.proxy.http import accesslog, telemetry
+from remora.proxy.http import accesslog, telemetry, tracing
 from remora.proxy.http import routes as rt
 from remora.proxy.http.pool import ClusterHttpState, UpstreamConnection
 from remora.proxy.http.types import (
@@ -71,6 +72,8 @@ HCM_STATS = (
 )
 HCM_GAUGES = ("downstream_cx_active", "downstream_rq_active")
 EXCHANGE_FILTERS = ("istio.metadata_exchange", "istio.peer_metadata")
+# Grpc::Utility::httpToGrpcStatus (gRPC's "HTTP to gRPC status code mapping").
+GRPC_STATUS = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
 
 
 
@@ -93,7 +96,7 @@ class HttpContext:
     """What every connection manager of one worker shares."""
 
     def __init__(self, clusters: Mapping[str, UpstreamCluster], stats: Stats,
-                 rng: random.Random, *, node_id: str = "",
+                 rng: random.Random, *, node_id: str = "", node_cluster: str = "",
                  node_metadata: Mapping[str, Any] | None = None) -> None:
         self.clusters = clusters
         self.stats = stats
@@ -105,10 +108,33 @@ class HttpContext:
         self.local = telemetry.workload_from_node(node_metadata or {})
         self.exchange_headers = tuple(
             telemetry.encode_peer_metadata(self.local, node_id).items())
+        self.node_id = node_id
+        self.service_name = tracing.service_name(node_cluster, node_metadata or {})
+        self.reporters: dict[str, tracing.ZipkinReporter] = {}
+
+    def reporter(self, cfg: tracing.TracingConfig) -> tracing.ZipkinReporter:
+        """The span reporter for ``cfg``'s collector cluster (one per worker)."""
+        rep = self.reporters.get(cfg.collector_cluster)
+        if rep is None:
+            def target() -> tuple[str, int] | None:
+                cluster = self.clusters.get(cfg.collector_cluster)
+                host = cluster.pick(None) if cluster is not None else None
+                return None if host is None else (host.sockaddr[0], host.sockaddr[1])
+            rep = self.reporters[cfg.collector_cluster] = tracing.ZipkinReporter(cfg, target)
+            if self.loop is not None:
+                rep.start(self.loop)
+        return rep
+
+    async def stop_tracing(self) -> None:
+        """Flush the spans still buffered (Envoy flushes its tracers on shutdown)."""
+        for rep in self.reporters.values():
+            await rep.stop()
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.writers.arm(loop)
+        for rep in self.reporters.values():
+            rep.start(loop)
 
     def state(self, cluster: UpstreamCluster) -> ClusterHttpState:
         st = self._states.get(cluster.name)
@@ -143,6 +169,7 @@ class HttpConnectionManager:
         self.exchange = any(config.filter(n) is not None for n in EXCHANGE_FILTERS)
         self.outbound = direction != "INBOUND"
         self.reporter: telemetry.Reporter = "source" if self.outbound else "destination"
+        self.tracer = ctx.reporter(config.trace) if config.trace is not None else None
 
     def request_started(self, s: _Stream) -> None:
         """Inbound: learn who called (and hide the exchange headers from the app)."""
@@ -179,6 +206,14 @@ class HttpConnectionManager:
                 info.grpc_status = int(value)
         if self.loggers:
             accesslog.log_all(self.loggers, info)
+        span = s.span
+        if (span is not None and span.sampled and self.config.trace is not None
+                and self.tracer is not None):
+            local = info.downstream_local_address if not self.outbound else ""
+            self.tracer.report(tracing.span_json(
+                span, info, cfg=self.config.trace, service=self.ctx.service_name,
+                node_id=self.ctx.node_id, local_ip=local.rsplit(":", 1)[0].strip("[]"),
+                now_us=int(time.time() * 1e6)))
         if self.istio_stats:
             auth = info.request.authority if info.request is not None else ""
             telemetry.record_http(
@@ -563,6 +598,8 @@ class _Stream:
         self.weight: rt.ClusterWeight | None = None
         self.router_config = self.hcm.config.router
         self.cluster: UpstreamCluster | None = None
+        self.request_done: asyncio.Future[None] | None = None   # set for mirrors
+        self.span: tracing.Span | None = None
         self.peer_meta: telemetry.WorkloadMeta | None = None
         self.peer_sent_metadata = False
         self.finished = False
@@ -626,6 +663,8 @@ class _Stream:
     def request_end(self, trailers: HeaderMap | None) -> None:
         self.request_complete = True
         self.trailers = trailers
+        if self.request_done is not None and not self.request_done.done():
+            self.request_done.set_result(None)
         a = self.attempt
         if a is not None and a.sid and not a.done:
             a.conn.send_end(a.sid, trailers)
@@ -694,6 +733,12 @@ class _Stream:
         head = self.head
         self._mutate_request_headers()
         hcm.request_started(self)
+        if cfg.trace is not None:
+            # Envoy's span name is the route's decorator, else "egress"/"ingress".
+            self.span = tracing.start_span(
+                cfg.trace, head, outbound=hcm.outbound,
+                operation="egress" if hcm.outbound else "ingress", rng=hcm.ctx.rng,
+                now_us=int(self.info.start_time * 1e6))
         rc = cfg.route_config
         route = None
         vh = None
@@ -708,6 +753,8 @@ class _Stream:
             self.local_reply(404, "", details="route_not_found")
             return
         self.info.route_name = route.name
+        if self.span is not None and route.decorator is not None:
+            self.span.name = route.decorator.operation
         if route.direct_response is not None:
             hcm.stats.inc(hcm.s["rq_direct_response"])
             dr = route.direct_response
@@ -874,6 +921,9 @@ class _Stream:
         if self.response_started:
             self._reset_downstream()
             return
+        if not direct and rt.is_grpc_request(self.head):
+            self._grpc_local_reply(status, body, extra)
+            return
         data = body.encode()
         headers = HeaderMap.trusted([])
         if data or not direct:
@@ -893,6 +943,25 @@ class _Stream:
             self.send_end(None)
         if close:
             self.conn.closing_after_streams = True
+
+    def _grpc_local_reply(self, status: int, body: str,
+                          extra: tuple[tuple[str, str], ...]) -> None:
+        """Envoy answers a gRPC request's local reply as gRPC: HTTP 200, trailers-only, the
+        HTTP status mapped to a gRPC status (``Grpc::Utility::httpToGrpcStatus``) and the
+        text in ``grpc-message`` (percent-encoded, gRPC's HTTP/2 spec)."""
+        headers = HeaderMap.trusted([("content-type", "application/grpc")])
+        given = dict(extra)
+        code = given.pop("grpc-status", None) or str(GRPC_STATUS.get(status, 2))
+        headers.add("grpc-status", code)
+        message = given.pop("grpc-message", None) or body
+        if message:
+            headers.add("grpc-message", urllib.parse.quote(message, safe=" "))
+        for k, v in given.items():
+            headers.add(k, v)
+        headers.add("date", http_date())
+        self.info.grpc_status = int(code)
+        self.send_response_headers(ResponseHead(status=200, headers=headers,
+                                                protocol=self.head.protocol), True)
 
     def _reset_downstream(self) -> None:
         codec = self.conn.codec
@@ -1328,10 +1397,10 @@ async def _shadow_request(hcm: HttpConnectionManager, cluster: UpstreamCluster,
                           head: RequestHead, stream: _Stream) -> None:
     """Request mirroring: the same request to another cluster; the answer is dropped."""
     # Wait for the whole request body (mirrors need it) while it is retained.
-    for _ in range(1000):
-        if stream.request_complete or not stream.retry_ok:
-            break
-        await asyncio.sleep(0.01)
+    if not stream.request_complete:
+        whole = stream.request_done = asyncio.get_running_loop().create_future()
+        async with asyncio.timeout(60):
+            await whole
     if not stream.retry_ok:
         return
     state = hcm.ctx.state(cluster)
