@@ -28,7 +28,6 @@ import random
 import socket
 import time
 import typing
-import urllib.parse
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -67,6 +66,7 @@ HCM_STATS = (
     "downstream_rq_http2_total", "downstream_rq_completed", "downstream_rq_1xx",
     "downstream_rq_2xx", "downstream_rq_3xx", "downstream_rq_4xx", "downstream_rq_5xx",
     "downstream_rq_rx_reset", "downstream_rq_tx_reset", "downstream_rq_timeout",
+    "downstream_rq_idle_timeout",
     "downstream_cx_protocol_error", "no_route", "no_cluster", "rq_direct_response",
     "rq_redirect", "downstream_rq_ws_on_non_ws_route",
 )
@@ -86,6 +86,13 @@ def _status_text(status: int) -> str:
         return http.HTTPStatus(status).phrase
     except ValueError:
         return "Unknown"
+
+
+def grpc_percent_encode(text: str) -> str:
+    """gRPC's ``grpc-message`` encoding: UTF-8, then ``%XX`` for bytes outside printable
+    ASCII and for ``%`` itself (gRPC "HTTP2 protocol", Responses)."""
+    return "".join(chr(b) if 0x20 <= b <= 0x7E and b != 0x25 else f"%{b:02X}"
+                   for b in text.encode())
 
 
 def http_date(now: float | None = None) -> str:
@@ -599,6 +606,11 @@ class _Stream:
         self.router_config = self.hcm.config.router
         self.cluster: UpstreamCluster | None = None
         self.request_done: asyncio.Future[None] | None = None   # set for mirrors
+        self._request_timer: asyncio.TimerHandle | None = None
+        self._duration_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self.idle_timeout = 0.0
+        self.last_activity = 0.0
         self.span: tracing.Span | None = None
         self.peer_meta: telemetry.WorkloadMeta | None = None
         self.peer_sent_metadata = False
@@ -618,6 +630,7 @@ class _Stream:
     def start(self) -> None:
         hcm = self.hcm
         st, s = hcm.stats, hcm.s
+        self._arm_timers()
         st.inc(s["downstream_rq_total"])
         st.inc(s["downstream_rq_http2_total" if self.head.protocol == "HTTP/2"
                  else "downstream_rq_http1_total"])
@@ -631,8 +644,67 @@ class _Stream:
             self.conn.flush()
         self.task = self.conn.loop.create_task(self._run())
 
+    # ------------------------------------------------------------------ stream timers
+
+    def _arm_timers(self) -> None:
+        """The HCM's per-stream limits (Envoy ``ConnectionManagerImpl::ActiveStream``):
+        ``request_timeout`` until the whole request is in, ``max_stream_duration`` for the
+        whole exchange, ``stream_idle_timeout`` without a byte either way."""
+        cfg, loop = self.hcm.config, self.conn.loop
+        if cfg.request_timeout and not self.request_complete:
+            self._request_timer = loop.call_later(
+                cfg.request_timeout, self._timed_out, "", "request timeout",
+                "request_overall_timeout")
+        if cfg.max_stream_duration:
+            self._duration_timer = loop.call_later(
+                cfg.max_stream_duration, self._timed_out, "DT", "downstream duration timeout",
+                "duration_timeout")
+        self.set_idle_timeout(cfg.stream_idle_timeout)
+
+    def set_idle_timeout(self, timeout: float | None) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        self.idle_timeout = timeout or 0.0
+        if self.idle_timeout:
+            self.last_activity = self.conn.loop.time()
+            self._idle_timer = self.conn.loop.call_later(self.idle_timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        loop = self.conn.loop
+        left = self.last_activity + self.idle_timeout - loop.time()
+        if left > 0.001:
+            self._idle_timer = loop.call_later(left, self._idle_check)
+            return
+        self._timed_out("SI", "stream timeout", "stream_idle_timeout")
+
+    def _timed_out(self, flag: str, text: str, details: str) -> None:
+        """A stream limit expired: 408 if nothing was answered yet, else a reset."""
+        if self.finished:
+            return
+        if flag:
+            self.info.response_flags.add(flag)
+        self.hcm.stats.inc(self.hcm.s["downstream_rq_timeout"] if flag != "SI"
+                           else self.hcm.s["downstream_rq_idle_timeout"])
+        if self.response_started:
+            self.info.response_code_details = details
+            self._reset_downstream()
+        else:
+            self.local_reply(408, text, details=details)
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    def _cancel_timers(self) -> None:
+        for t in (self._request_timer, self._duration_timer, self._idle_timer):
+            if t is not None:
+                t.cancel()
+        self._request_timer = self._duration_timer = self._idle_timer = None
+
     def request_body(self, data: bytes) -> None:
         self.info.bytes_received += len(data)
+        if self.idle_timeout:
+            self.last_activity = self.conn.loop.time()
         a = self.attempt
         if a is not None and a.sid and not a.done:
             a.conn.send_body(a.sid, data)
@@ -663,6 +735,9 @@ class _Stream:
     def request_end(self, trailers: HeaderMap | None) -> None:
         self.request_complete = True
         self.trailers = trailers
+        if self._request_timer is not None:
+            self._request_timer.cancel()
+            self._request_timer = None
         if self.request_done is not None and not self.request_done.done():
             self.request_done.set_result(None)
         a = self.attempt
@@ -753,6 +828,9 @@ class _Stream:
             self.local_reply(404, "", details="route_not_found")
             return
         self.info.route_name = route.name
+        action = route.route
+        if action is not None and action.idle_timeout is not None:
+            self.set_idle_timeout(rt.stream_idle_timeout(action, cfg))
         if self.span is not None and route.decorator is not None:
             self.span.name = route.decorator.operation
         if route.direct_response is not None:
@@ -896,6 +974,8 @@ class _Stream:
         if codec is None or self.conn.closing:
             return
         self.info.bytes_sent += len(data)
+        if self.idle_timeout:
+            self.last_activity = self.conn.loop.time()
         codec.send_body(self.id, data)
         self.conn.flush()
         if self.conn.write_paused or codec.buffered(self.id):
@@ -955,7 +1035,7 @@ class _Stream:
         headers.add("grpc-status", code)
         message = given.pop("grpc-message", None) or body
         if message:
-            headers.add("grpc-message", urllib.parse.quote(message, safe=" "))
+            headers.add("grpc-message", grpc_percent_encode(message))
         for k, v in given.items():
             headers.add(k, v)
         headers.add("date", http_date())
@@ -976,6 +1056,7 @@ class _Stream:
         if self.finished:
             return
         self.finished = True
+        self._cancel_timers()
         hcm = self.hcm
         st, s = hcm.stats, hcm.s
         st.gauge_add(s["downstream_rq_active"], -1)

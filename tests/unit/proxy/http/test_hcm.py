@@ -1309,3 +1309,81 @@ async def test_client_gone_mid_request_body_is_dc_not_a_protocol_error() -> None
     await up.conn.changed.until(lambda: up.conn.lost)
     await c.closed()
     await env.close()
+
+
+@run
+async def test_stream_idle_timeout_408_si() -> None:
+    """``stream_idle_timeout``: no byte either way for that long → 408 ``stream timeout``,
+    flag SI (Envoy default 5 min; Istio sets 0s)."""
+    async def never(req: UpReq) -> None:
+        await asyncio.Future()
+    env = make_env(stream_idle_timeout="0.05s", servers={A: Server(never)})
+    c = env.client()
+    r = await c.request()
+    assert r.status == 408 and r.body == b"stream timeout"
+    info = await env.info()
+    assert flags(info) == {"SI"} and info.response_code_details == "stream_idle_timeout"
+    assert env.hcounter("downstream_rq_idle_timeout") == 1
+    await env.close()
+
+
+@run
+async def test_stream_idle_timer_is_reset_by_body_bytes() -> None:
+    """A response trickling faster than the idle timeout is not cut."""
+    async def trickle(req: UpReq) -> None:
+        await req.complete()
+        req.send_headers(200, [("content-length", "6")])
+        for _ in range(6):
+            await asyncio.sleep(0.03)     # the upstream's own pacing, below the 0.1 s limit
+            req.send_body(b"x")
+        req.send_end()
+    env = make_env(stream_idle_timeout="0.1s", servers={A: Server(trickle)})
+    r = await env.client().request()
+    assert r.status == 200 and r.body == b"xxxxxx"
+    await env.close()
+
+
+@run
+async def test_request_timeout_408_while_the_body_is_still_coming() -> None:
+    env = make_env(request_timeout="0.05s")
+    c = env.client()
+    c.send(b"POST / HTTP/1.1\r\nhost: svc\r\ncontent-length: 10\r\n\r\n12345")
+    r = await c.response()
+    assert r.status == 408 and r.body == b"request timeout"
+    info = await env.info()
+    assert info.response_code_details == "request_overall_timeout"
+    await env.close()
+
+
+@run
+async def test_max_stream_duration_408_dt() -> None:
+    async def never(req: UpReq) -> None:
+        await asyncio.Future()
+    env = make_env(common_http_protocol_options={"max_stream_duration": "0.05s"},
+                   servers={A: Server(never)})
+    r = await env.client().request()
+    assert r.status == 408 and r.body == b"downstream duration timeout"
+    info = await env.info()
+    assert flags(info) == {"DT"} and info.response_code_details == "duration_timeout"
+    await env.close()
+
+
+@run
+async def test_grpc_local_reply_is_trailers_only_grpc_status() -> None:
+    """A gRPC request answered locally gets HTTP 200 with grpc-status (503 → 14
+    UNAVAILABLE) and grpc-message (only ``%`` and non-printable bytes escaped), as Envoy
+    converts it."""
+    env = make_env(servers={})      # nothing listens: connection refused
+    c = env.client()
+    c.send(b"POST /pkg.Svc/M HTTP/1.1\r\nhost: svc\r\ncontent-type: application/grpc\r\n"
+           b"te: trailers\r\ncontent-length: 0\r\n\r\n")
+    r = await c.response()
+    assert r.status == 200
+    assert r.get("content-type") == "application/grpc"
+    assert r.get("grpc-status") == "14"
+    assert r.get("grpc-message") == (
+        "upstream connect error or disconnect/reset before headers. reset reason: connection "
+        "failure, transport failure reason: delayed connect error: 111")
+    info = await env.info()
+    assert info.grpc_status == 14 and "UF" in flags(info)
+    await env.close()
