@@ -82,6 +82,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 REMORA = str(Path(sys.executable).with_name("remora"))
+# Every child (the proxies, `remora iptables`) imports remora from this checkout's src/, even
+# when the venv's editable install points at another worktree.
+CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    [str(ROOT / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])}
 STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 CAPTURE_FLAGS = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*",
                  "-x", "", "-b", "*", "-d", "15090,15021,15020"]
@@ -112,7 +116,8 @@ HZ = os.sysconf("SC_CLK_TCK")
 
 def run(argv: list[str], *, timeout: float = 30, check: bool = True,
         ) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(argv, text=True, capture_output=True, timeout=timeout, check=False)
+    res = subprocess.run(argv, text=True, capture_output=True, timeout=timeout, check=False,
+                         env=CHILD_ENV)
     if check and res.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited with {res.returncode}: "
                            f"{(res.stderr or res.stdout).strip()[-800:]}")
@@ -447,7 +452,8 @@ class Bench:
     def spawn(self, name: str, ns: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"{name.replace(' ', '-')}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(in_ns(ns, argv), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                env=CHILD_ENV)
         log.close()
         self.procs.append((name, proc))
         return proc
@@ -854,7 +860,8 @@ def main() -> None:
             raise
         finally:
             bench.cleanup()
-    print(f"  (took {time.monotonic() - started:.0f}s)")
+    code = run([sys.executable, "-c", "import remora; print(remora.__file__)"]).stdout.strip()
+    print(f"  (took {time.monotonic() - started:.0f}s; remora imported from {code})")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import uvloop
 from remora.proxy.bootstrap import compile_bootstrap, parse_bootstrap
 from remora.proxy.model import Snapshot
 from remora.proxy.server import Worker
-from remora.proxy.tcp import HIGH_WATERMARK
+from remora.proxy.tcp import HIGH_WATERMARK, IDLE_TICKS
 
 # "thread": a SIGALRM cannot interrupt uvloop while it waits in epoll.
 pytestmark = pytest.mark.timeout(60, method="thread")
@@ -354,6 +354,61 @@ def test_idle_timeout_closes_both_sides(run: Callable[..., None]) -> None:
             assert await read_all(r) == b""
             assert asyncio.get_running_loop().time() - t0 >= 0.15
             await server_saw_eof.wait()
+            assert stat(w, "tcp.c.idle_timeout") == 1
+            wr.close()
+    run(main())
+
+
+def test_byte_counters_exact_while_the_connection_is_open(run: Callable[..., None]) -> None:
+    """The relay counts bytes per connection and folds them in when the stats are read:
+    every read, mid-connection included, is exact, and a reset drops what came before."""
+    async def main() -> None:
+        async with upstream(echo) as up, proxy(snapshot([listener(tcp_chain("c"))],
+                                                        [cluster("c", up)])) as w:
+            r, wr = await asyncio.open_connection(LO, port(w))
+            sent = 0
+            for size in (1, 7, 1000, 70000):
+                wr.write(b"x" * size)
+                sent += size
+                assert len(await r.readexactly(size)) == size
+                s = w.stats_snapshot()
+                for name in ("tcp.c.downstream_cx_rx_bytes_total",
+                             "tcp.c.downstream_cx_tx_bytes_total",
+                             "cluster.c.upstream_cx_tx_bytes_total",
+                             "cluster.c.upstream_cx_rx_bytes_total"):
+                    assert s.value(name) == sent, name
+            w.reset_counters()
+            assert stat(w, "tcp.c.downstream_cx_rx_bytes_total") == 0
+            wr.write(b"abc")
+            assert await r.readexactly(3) == b"abc"
+            assert stat(w, "tcp.c.downstream_cx_rx_bytes_total") == 3
+            wr.write_eof()
+            assert await read_all(r) == b""
+            wr.close()
+            await until(lambda: stat(w, "listener.127.0.0.1_0.downstream_cx_destroy") == 1)
+            s = w.stats_snapshot()   # after the close: counted once, not twice
+            assert s.value("tcp.c.downstream_cx_rx_bytes_total") == 3
+            assert s.value("cluster.c.upstream_cx_rx_bytes_total") == 3
+    run(main())
+
+
+def test_idle_timeout_counts_from_the_last_byte(run: Callable[..., None]) -> None:
+    """Traffic in either direction keeps the connection open; it closes idle_timeout (plus
+    at most one timer tick) after the last byte, never before."""
+    async def main() -> None:
+        async with upstream(echo) as up, proxy(snapshot(
+                [listener(tcp_chain("c", idle_timeout="0.3s"))], [cluster("c", up)])) as w:
+            loop = asyncio.get_running_loop()
+            r, wr = await asyncio.open_connection(LO, port(w))
+            for i in range(7):   # 0.6 s of traffic, longer than the idle timeout
+                if i:
+                    await asyncio.sleep(0.1)
+                wr.write(b"ping")
+                assert await r.readexactly(4) == b"ping"
+            last = loop.time()   # just after the last byte went both ways
+            assert await read_all(r) == b""
+            waited = loop.time() - last
+            assert 0.3 - 0.02 <= waited < 0.3 * (1 + 1 / IDLE_TICKS) + 0.25, waited
             assert stat(w, "tcp.c.idle_timeout") == 1
             wr.close()
     run(main())

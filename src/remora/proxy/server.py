@@ -152,6 +152,7 @@ class Worker:
         self._drain_timer: asyncio.TimerHandle | None = None
         self._shutdown: asyncio.Future[bool] | None = None
         self._fatal: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None   # the running loop, in run()
 
     # ------------------------------------------------------------------------ binding
 
@@ -189,7 +190,7 @@ class Worker:
     async def run(self, ready: Callable[[], None] | None = None) -> None:
         """Warm the clusters, start accepting, call ``ready``; return after a shutdown
         (:meth:`shutdown`) has finished. An accept error outside the policy is raised."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._shutdown = loop.create_future()
         self._fatal = loop.create_future()
         try:
@@ -250,14 +251,14 @@ class Worker:
         """The listen socket is readable: accept what is in the backlog (up to a batch)."""
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _ = b.sock.accept()
+                conn, peer = b.sock.accept()
             except BlockingIOError:
                 return
             except OSError as exc:
                 self._accept_error(exc, b)
                 return
             b.backoff = 0.0
-            self._start(conn, b.listener)
+            self._start(conn, b.listener, peer)
 
     def _accept_error(self, exc: OSError, b: _Bound) -> None:
         """trio's policy: out of resources → log, stop watching, retry after a growing
@@ -284,26 +285,31 @@ class Worker:
         if self._fatal is not None and not self._fatal.done():
             self._fatal.set_exception(exc)
 
-    def _start(self, conn: socket.socket, listener: Listener) -> None:
+    def _start(self, conn: socket.socket, listener: Listener, peer: Any = None) -> None:
         conn.setblocking(False)
-        # Envoy sets TCP_NODELAY on every connection it accepts or opens.
+        # Envoy sets TCP_NODELAY on every connection it accepts or opens. (The relay's
+        # transport sets it again, but a listener filter may hold the connection first.)
         with contextlib.suppress(OSError):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         cid = next(self._cid)
-        task = asyncio.get_running_loop().create_task(self._serve(conn, listener, cid))
+        loop = self._loop or asyncio.get_running_loop()
+        task = loop.create_task(self._serve(conn, listener, cid, peer))
         self._conns.add(task)
         task.add_done_callback(self._conns.discard)
 
     # ------------------------------------------------------------------------ one connection
 
-    async def _serve(self, sock: socket.socket, receiver: Listener, cid: int) -> None:
-        loop = asyncio.get_running_loop()
+    async def _serve(self, sock: socket.socket, receiver: Listener, cid: int,
+                     peer: Any = None) -> None:
+        """``peer``: the remote address accept() returned (None: ask the socket)."""
+        loop = self._loop or asyncio.get_running_loop()
         record = ConnectionRecord(cid=cid, listener=receiver.name, start=loop.time())
         owned = True   # until the network filter takes the socket
         try:
             try:
                 pending = _Pending(local=platform.local_address(sock),
-                                   remote=platform.peer_address(sock))
+                                   remote=platform.to_address(peer) if peer
+                                   else platform.peer_address(sock))
             except OSError:
                 return  # reset before we looked at it
             record.downstream_remote = pending.remote
@@ -336,7 +342,7 @@ class Worker:
                 owned = False
                 await flt.handle(sock, record,
                                  restored=pending.local if pending.restored else None,
-                                 initial=bytes(pending.buffer))
+                                 initial=bytes(pending.buffer), loop=loop)
             finally:
                 st.gauge_add(ls.active, -1)
                 st.inc(ls.destroy)
@@ -397,7 +403,7 @@ class Worker:
                        http: bool) -> None:
         """Read until the sniffer decides (or EOF, or too many bytes). Bytes read are kept
         in ``p.buffer`` and sent upstream first."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         while True:
             data = bytes(p.buffer)
             if data or p.eof:
@@ -448,13 +454,20 @@ class Worker:
                 self.stop_listeners(inbound_only=inbound_only)
         self._drain_timer = loop.call_later(self.drain_time, done)
 
+    def flush_stats(self) -> None:
+        """Fold what open connections have counted but not yet reported into the store."""
+        for flt in self._filters.values():
+            flt.flush_stats()
+
     def stats_snapshot(self) -> StatsSnapshot:
+        self.flush_stats()
         return self.stats.snapshot()
 
     def cluster_status(self) -> list[ClusterStatus]:
         return [c.status() for c in self.clusters.values()]
 
     def reset_counters(self) -> None:
+        self.flush_stats()   # what open connections relayed so far is before the reset
         self.stats.reset_counters()
         for c in self.clusters.values():
             for h in c.hosts:

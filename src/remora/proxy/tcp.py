@@ -10,6 +10,12 @@ proxy buffer more than about one watermark per direction), half-close (EOF from 
 ``idle_timeout``, closing one side when the other closes or resets, byte counters, Envoy's
 ``tcp.<stat_prefix>.…`` stats, and the connection's response flags (``UH``, ``UF``, ``UO``,
 ``URX``, ``NC``) for the log.
+Hot path: a chunk costs one write to the other side and one integer add. The byte counters
+are folded into the stat store when the connection ends and whenever the stats are read
+(:meth:`TcpProxyFilter.flush_stats`, called by the worker's snapshot), and the idle timeout is
+a timer that ticks every ``idle_timeout / IDLE_TICKS`` and compares the byte counts with the
+previous tick (no clock read per chunk; the connection closes between ``idle_timeout`` and
+``idle_timeout * (1 + 1/IDLE_TICKS)`` after its last byte).
 Must not: accept connections, run listener filters or match filter chains (that is
 :mod:`remora.proxy.server`), or open sockets itself (upstream connections come from
 :mod:`remora.proxy.upstream`; the downstream socket is handed in).
@@ -26,7 +32,7 @@ import contextlib
 import logging
 import random
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -39,6 +45,7 @@ log = logging.getLogger(__name__)
 
 HIGH_WATERMARK = 1 << 20          # Envoy per_connection_buffer_limit_bytes default
 LOW_WATERMARK = HIGH_WATERMARK // 2
+IDLE_TICKS = 8                    # idle-timer checks per idle_timeout
 
 # Envoy's core response flags in the order they are printed (spec §10.1).
 FLAG_ORDER = ("LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX",
@@ -96,6 +103,12 @@ class TcpProxyFilter:
         for name, kind in TCP_STATS:
             stats.declare(scope + name, kind)
         self._weights = [w.weight for w in config.weighted_clusters]
+        self.live: set[_Session] = set()   # sessions relaying (their bytes may be unflushed)
+
+    def flush_stats(self) -> None:
+        """Fold the byte counts of open connections into the stat store (before a read)."""
+        for session in self.live:
+            session.flush_bytes()
 
     def choose_cluster(self) -> UpstreamCluster | None:
         if self.config.cluster:
@@ -106,9 +119,11 @@ class TcpProxyFilter:
         return self.clusters.get(self.config.weighted_clusters[i].name)
 
     async def handle(self, sock: socket.socket, record: ConnectionRecord, *,
-                     restored: SocketAddress | None, initial: bytes = b"") -> None:
+                     restored: SocketAddress | None, initial: bytes = b"",
+                     loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Proxy ``sock`` (already accepted; its first ``initial`` bytes were read by the
-        listener filters) until both sides are closed. Closes ``sock`` in every case."""
+        listener filters) until both sides are closed. Closes ``sock`` in every case.
+        ``loop``: the running loop, when the caller has it at hand."""
         st, s = self.stats, self.s
         st.inc(s["downstream_cx_total"])
         cluster = self.choose_cluster()
@@ -118,7 +133,7 @@ class TcpProxyFilter:
             sock.close()
             return
         record.cluster = cluster.name
-        session = _Session(self, cluster, record)
+        session = _Session(self, cluster, record, loop or asyncio.get_running_loop())
         attempts = 0
         upstream: asyncio.Transport | None = None
         while upstream is None:
@@ -132,7 +147,8 @@ class TcpProxyFilter:
             record.upstream_host = host.address
             attempts += 1
             try:
-                upstream, _ = await cluster.connect(host, session.upstream_protocol)
+                upstream, _ = await cluster.connect(host, session.upstream_protocol,
+                                                    session.loop)
             except UpstreamError as exc:
                 record.flags.add(exc.flag)
                 record.details = exc.detail
@@ -155,11 +171,12 @@ class TcpProxyFilter:
 class _Half(asyncio.Protocol):
     """One side's protocol; ``peer`` is the other side."""
 
-    __slots__ = ("lost", "paused", "peer", "read_eof", "rx", "session", "transport",
+    __slots__ = ("lost", "paused", "peer", "read_eof", "rx", "session", "transport", "write",
                  "write_paused")
 
     transport: asyncio.Transport
     peer: _Half
+    write: Callable[[bytes], object]    # the other side's transport.write
 
     def __init__(self, session: _Session) -> None:
         self.session = session
@@ -167,7 +184,7 @@ class _Half(asyncio.Protocol):
         self.lost = False
         self.paused = False          # our reading is paused (the peer's buffer is full)
         self.write_paused = False    # our transport's write buffer is above the watermark
-        self.rx = 0
+        self.rx = 0                  # bytes read from this side (and written to the other)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not derive from asyncio.Transport; they implement it.
@@ -175,14 +192,8 @@ class _Half(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=HIGH_WATERMARK, low=LOW_WATERMARK)
 
     def data_received(self, data: bytes) -> None:
-        self.peer.transport.write(data)
-        n = len(data)
-        self.rx += n
-        self._count(n)
-        self.session.last_io = self.session.loop.time()
-
-    def _count(self, n: int) -> None:
-        raise NotImplementedError
+        self.write(data)
+        self.rx += len(data)
 
     def eof_received(self) -> bool:
         if self.read_eof:
@@ -270,12 +281,6 @@ class _Downstream(_Half):
         self.real = cast(asyncio.Transport, transport)
         self.real.set_write_buffer_limits(high=HIGH_WATERMARK, low=LOW_WATERMARK)
 
-    def _count(self, n: int) -> None:
-        c = self.session.counters
-        names = self.session.down_names
-        c[names[0]] = c.get(names[0], 0) + n     # tcp downstream_cx_rx_bytes_total
-        c[names[1]] = c.get(names[1], 0) + n     # cluster upstream_cx_tx_bytes_total
-
     def _paused_peer(self, paused: bool) -> None:
         # downstream's write buffer is full → upstream reading paused/resumed
         sess = self.session
@@ -287,11 +292,9 @@ class _Downstream(_Half):
 class _Upstream(_Half):
     __slots__ = ()
 
-    def _count(self, n: int) -> None:
-        c = self.session.counters
-        names = self.session.up_names
-        c[names[0]] = c.get(names[0], 0) + n     # cluster upstream_cx_rx_bytes_total
-        c[names[1]] = c.get(names[1], 0) + n     # tcp downstream_cx_tx_bytes_total
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.peer.write = self.transport.write
 
     def _paused_peer(self, paused: bool) -> None:
         # upstream's write buffer is full → downstream reading paused/resumed
@@ -304,27 +307,48 @@ class _Upstream(_Half):
 class _Session:
     """The relay of one connection pair."""
 
-    def __init__(self, flt: TcpProxyFilter, cluster: UpstreamCluster,
-                 record: ConnectionRecord) -> None:
+    __slots__ = ("_flushed_down", "_flushed_up", "_idle", "_idle_last", "_idle_seen", "cluster",
+                 "done", "down", "early", "filter", "host", "loop", "record", "up",
+                 "upstream_closed_locally")
+
+    def __init__(self, flt: TcpProxyFilter, cluster: UpstreamCluster, record: ConnectionRecord,
+                 loop: asyncio.AbstractEventLoop) -> None:
         self.filter = flt
         self.cluster = cluster
         self.record = record
-        self.loop = asyncio.get_running_loop()
-        self.counters = flt.stats.counters
-        self.down_names = (flt.s["downstream_cx_rx_bytes_total"],
-                           cluster.stat("upstream_cx_tx_bytes_total"))
-        self.up_names = (cluster.stat("upstream_cx_rx_bytes_total"),
-                         flt.s["downstream_cx_tx_bytes_total"])
+        self.loop = loop
         self.down = _Downstream(self)
         self.up = _Upstream(self)
         self.down.peer, self.up.peer = self.up, self.down
         self.early = _Early(self.up)
         self.down.transport = cast(asyncio.Transport, self.early)
+        self.up.write = self.early.write
         self.host: Host | None = None
-        self.last_io = self.loop.time()
-        self.done: asyncio.Future[None] = self.loop.create_future()
+        self.done: asyncio.Future[None] = loop.create_future()
         self.upstream_closed_locally = False
+        self._flushed_down = 0      # down.rx / up.rx already added to the counters
+        self._flushed_up = 0
         self._idle: asyncio.TimerHandle | None = None
+        self._idle_last = 0.0       # when the idle timer last saw bytes move
+        self._idle_seen = 0         # down.rx + up.rx at that time
+
+    def flush_bytes(self) -> None:
+        """Add the bytes relayed since the last flush to the stat store."""
+        c = self.filter.stats.counters
+        rx = self.down.rx
+        n = rx - self._flushed_down
+        if n:
+            self._flushed_down = rx
+            for name in (self.filter.s["downstream_cx_rx_bytes_total"],
+                         self.cluster.stat("upstream_cx_tx_bytes_total")):
+                c[name] = c.get(name, 0) + n
+        rx = self.up.rx
+        n = rx - self._flushed_up
+        if n:
+            self._flushed_up = rx
+            for name in (self.cluster.stat("upstream_cx_rx_bytes_total"),
+                         self.filter.s["downstream_cx_tx_bytes_total"]):
+                c[name] = c.get(name, 0) + n
 
     def upstream_protocol(self) -> _Upstream:
         return self.up
@@ -334,6 +358,8 @@ class _Session:
 
     async def run(self, sock: socket.socket, initial: bytes) -> None:
         """Wrap the downstream socket, start relaying, return when both sides are closed."""
+        live = self.filter.live
+        live.add(self)
         try:
             try:
                 await self.loop.connect_accepted_socket(self.downstream_protocol, sock)
@@ -354,8 +380,11 @@ class _Session:
                 self.down.data_received(initial)
             idle = self.filter.config.idle_timeout
             if idle:
-                self._idle = self.loop.call_at(self.last_io + idle, self._check_idle, idle)
-            await asyncio.shield(self.done)
+                now = self.loop.time()
+                self._idle_last = now
+                self._idle_seen = self.down.rx + self.up.rx
+                self._idle = self.loop.call_at(now + idle / IDLE_TICKS, self._check_idle, idle)
+            await self.done
         except BaseException:
             # cancelled (drain deadline) or a bug: never leave either side open
             self.abort()
@@ -363,6 +392,8 @@ class _Session:
         finally:
             if self._idle is not None:
                 self._idle.cancel()
+            live.discard(self)
+            self.flush_bytes()
             self.record.bytes_received = self.down.rx
             self.record.bytes_sent = self.up.rx
 
@@ -372,6 +403,7 @@ class _Session:
         downstream's buffer has room."""
         early = self.early
         down = self.down.transport = self.down.real
+        self.up.write = down.write
         if self.down.lost:
             early.chunks.clear()
             return
@@ -388,9 +420,15 @@ class _Session:
             self.up.transport.resume_reading()
 
     def _check_idle(self, idle: float) -> None:
-        due = self.last_io + idle
-        if self.loop.time() < due:
-            self._idle = self.loop.call_at(due, self._check_idle, idle)
+        now = self.loop.time()
+        seen = self.down.rx + self.up.rx
+        if seen != self._idle_seen:   # bytes moved since the last tick: active until now
+            self._idle_seen = seen
+            self._idle_last = now
+        due = self._idle_last + idle
+        if now < due:
+            self._idle = self.loop.call_at(min(due, now + idle / IDLE_TICKS), self._check_idle,
+                                           idle)
             return
         self._idle = None
         self.filter.stats.inc(self.filter.s["idle_timeout"])

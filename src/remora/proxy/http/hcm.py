@@ -178,6 +178,9 @@ class HttpConnectionManager:
         self.reporter: telemetry.Reporter = "source" if self.outbound else "destination"
         self.tracer = ctx.reporter(config.trace) if config.trace is not None else None
 
+    def flush_stats(self) -> None:
+        """Nothing pending: the HTTP layer counts into the store as it goes."""
+
     def request_started(self, s: _Stream) -> None:
         """Inbound: learn who called (and hide the exchange headers from the app)."""
         if self.exchange and not self.outbound:
@@ -230,9 +233,11 @@ class HttpConnectionManager:
                     local=self.ctx.local))
 
     async def handle(self, sock: socket.socket, record: ConnectionRecord, *,
-                     restored: SocketAddress | None, initial: bytes = b"") -> None:
+                     restored: SocketAddress | None, initial: bytes = b"",
+                     loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Serve HTTP on ``sock`` until it closes. Closes ``sock`` in every case."""
-        loop = asyncio.get_running_loop()
+        if loop is None:
+            loop = asyncio.get_running_loop()
         conn = _Downstream(self, record, loop)
         self.stats.inc(self.s["downstream_cx_total"])
         self.stats.gauge_add(self.s["downstream_cx_active"], 1)
