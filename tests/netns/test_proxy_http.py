@@ -157,6 +157,26 @@ def _virtual_listeners() -> list[dict[str, Any]]:
     ]
 
 
+TCP_VIP = "10.100.3.3"
+TCP_CLUSTER = f"outbound|7070||tcpecho.{NS}"
+
+
+def _tcp_service_listener() -> dict[str, Any]:
+    """Istio's ``<VIP>_<port>`` TCP listener: istio.stats, then tcp_proxy with an access log
+    (spec §4.2)."""
+    return {
+        "name": f"{TCP_VIP}_7070", "address": _addr(TCP_VIP, 7070), "bind_to_port": False,
+        "traffic_direction": "OUTBOUND", "listener_filters_timeout": "0s",
+        "filter_chains": [{"filters": [
+            {"name": "istio.stats", "typed_config": {
+                "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+                "type_url": "type.googleapis.com/stats.PluginConfig", "value": {}}},
+            {"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+                "@type": TCP, "stat_prefix": TCP_CLUSTER, "cluster": TCP_CLUSTER,
+                "access_log": ACCESS_LOG}}]}],
+    }
+
+
 def _cluster(name: str, ips: list[str], port: int, **extra: Any) -> dict[str, Any]:
     return {"name": name, "type": "STATIC", "connect_timeout": "2s",
             "lb_policy": "ROUND_ROBIN", "load_assignment": {
@@ -231,6 +251,7 @@ def bootstrap_a(rds_path: str) -> dict[str, Any]:
     clusters.append(_cluster(f"outbound|9090||grpc.{NS}", [POD_B], 9090,
                              typed_extension_protocol_options=H2))
     clusters.append(_cluster("zipkin", [ZIPKIN], 8080))
+    clusters.append(_cluster(TCP_CLUSTER, ["10.3.0.10"], 8080))   # demoappv10's server
     return {
         "node": {"id": f"sidecar~{POD_A}~client-1.default~{NS}", "cluster": "client.default",
                  "metadata": {"NAME": "client-1", "NAMESPACE": "default",
@@ -239,7 +260,7 @@ def bootstrap_a(rds_path: str) -> dict[str, Any]:
         "admin": {"address": _addr("127.0.0.1", 15000)},
         "static_resources": {
             "listeners": [*_virtual_listeners(), _outbound_http_listener(8080, rds_path),
-                          _outbound_http_listener(9090, rds_path)],
+                          _outbound_http_listener(9090, rds_path), _tcp_service_listener()],
             "clusters": clusters},
     }
 
@@ -702,3 +723,36 @@ def test_trace_context_propagated_and_span_reported(mesh: Mesh) -> None:
     assert mine["tags"]["http.status_code"] == "200"
     assert mine["tags"]["upstream_cluster.name"] == f"outbound|8080||demoappv10.{NS}"
     assert mine["localEndpoint"]["serviceName"] == "client.default"
+
+
+def test_tcp_service_reports_istio_tcp_metrics_and_logs(mesh: Mesh) -> None:
+    """A TCP service (tcp_proxy after istio.stats): ``istio_tcp_*`` with Istio's labels and
+    a ``"- - -"`` access log line."""
+    req = b"GET /tcp HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+    def run() -> bytes:
+        import socket
+        os.setgroups([])
+        os.setgid(APP_UID)
+        os.setuid(APP_UID)
+        s = socket.create_connection((TCP_VIP, 7070), timeout=10)
+        s.sendall(req)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        s.close()
+        return data
+    data = mesh.a.call(run, timeout=30)
+    assert data.startswith(b"HTTP/1.0 200") or data.startswith(b"HTTP/1.1 200"), data[:80]
+    line = mesh.sidecar_a.wait_line(f"{TCP_CLUSTER} ")
+    assert f'"- - -" 0 - - - "-" {len(req)} {len(data)} ' in line, line
+    assert f" {TCP_VIP}:7070 {POD_A}:" in line and '"10.3.0.10:8080"' in line, line
+    prom = mesh.admin(mesh.a, "/stats/prometheus")
+    opened = [ln for ln in prom.splitlines()
+              if ln.startswith("istio_tcp_connections_opened_total{")]
+    assert any('reporter="source"' in ln and 'source_workload="client"' in ln
+               and f'destination_service="tcpecho.{NS}"' in ln
+               and 'destination_service_name="tcpecho"' in ln for ln in opened), opened
+    recv = [ln for ln in prom.splitlines()
+            if ln.startswith("istio_tcp_received_bytes_total{") and "tcpecho" in ln]
+    assert recv and recv[0].rsplit(" ", 1)[1] == str(len(req)), recv

@@ -136,8 +136,10 @@ class Worker:
                                                if li.default_filter_chain else [])):
                 tp = chain.tcp_proxy
                 if tp is not None:
-                    self._filters[id(chain)] = TcpProxyFilter(tp, self.clusters, self.stats,
-                                                              self.rng)
+                    self._filters[id(chain)] = TcpProxyFilter(
+                        tp, self.clusters, self.stats, self.rng,
+                        on_close=self.http.tcp_telemetry(
+                            tp, outbound=li.traffic_direction != "INBOUND"))
                 hcm = chain.hcm
                 if hcm is not None:
                     self._filters[id(chain)] = HttpConnectionManager(

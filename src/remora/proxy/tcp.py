@@ -93,7 +93,9 @@ class TcpProxyFilter:
     """One configured tcp_proxy (per filter chain, per worker)."""
 
     def __init__(self, config: TcpProxy, clusters: Mapping[str, UpstreamCluster], stats: Stats,
-                 rng: random.Random) -> None:
+                 rng: random.Random,
+                 on_close: Callable[[ConnectionRecord, float], None] | None = None) -> None:
+        self.on_close = on_close     # access logs / Istio TCP metrics, with the loop's time
         self.config = config
         self.clusters = clusters
         self.stats = stats
@@ -124,6 +126,21 @@ class TcpProxyFilter:
         """Proxy ``sock`` (already accepted; its first ``initial`` bytes were read by the
         listener filters) until both sides are closed. Closes ``sock`` in every case.
         ``loop``: the running loop, when the caller has it at hand."""
+        if self.on_close is None:
+            await self._handle(sock, record, restored=restored, initial=initial, loop=loop)
+            return
+        loop = loop or asyncio.get_running_loop()
+        try:
+            await self._handle(sock, record, restored=restored, initial=initial, loop=loop)
+        finally:
+            try:
+                self.on_close(record, loop.time())
+            except Exception:
+                log.exception("[C%d] access log / stats failed", record.cid)
+
+    async def _handle(self, sock: socket.socket, record: ConnectionRecord, *,
+                      restored: SocketAddress | None, initial: bytes,
+                      loop: asyncio.AbstractEventLoop | None) -> None:
         st, s = self.stats, self.s
         st.inc(s["downstream_cx_total"])
         cluster = self.choose_cluster()

@@ -29,7 +29,7 @@ import socket
 import time
 import typing
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from remora.proxy.http import accesslog, telemetry, tracing
@@ -50,7 +50,7 @@ from remora.proxy.http.types import (
     StreamReset,
     Writable,
 )
-from remora.proxy.model import SocketAddress
+from remora.proxy.model import SocketAddress, TcpProxy
 from remora.proxy.stats import Stats
 from remora.proxy.tcp import ConnectionRecord
 from remora.proxy.upstream import Host, UpstreamCluster, UpstreamError
@@ -131,6 +131,38 @@ class HttpContext:
             if self.loop is not None:
                 rep.start(self.loop)
         return rep
+
+    def tcp_telemetry(self, tp: TcpProxy, *, outbound: bool,
+                      ) -> Callable[[ConnectionRecord, float], None] | None:
+        """tcp_proxy's access logs and Istio's ``istio_tcp_*`` metrics for one connection,
+        reported when it closes (the plaintext case: no TCP metadata exchange, so the peer
+        is unknown, as in Istio without mTLS)."""
+        loggers = accesslog.open_access_logs(tp.access_logs, self.writers)
+        if not loggers and not tp.istio_stats:
+            return None
+        reporter: telemetry.Reporter = "source" if outbound else "destination"
+
+        def on_close(rec: ConnectionRecord, now: float) -> None:
+            duration = max(0.0, now - rec.start)
+            cluster = self.clusters.get(rec.cluster)
+            info = StreamInfo(
+                start_time=time.time() - duration, response_flags=set(rec.flags),
+                connection_termination_details=rec.details,
+                bytes_received=rec.bytes_received, bytes_sent=rec.bytes_sent,
+                duration=duration, upstream_host=_addr_text(rec.upstream_host),
+                upstream_cluster=rec.cluster,
+                upstream_cluster_stat=cluster.config.observability_name if cluster else "",
+                upstream_local_address=_addr_text(rec.upstream_local),
+                downstream_local_address=_addr_text(rec.downstream_local),
+                downstream_remote_address=_addr_text(rec.downstream_remote))
+            if loggers:
+                accesslog.log_all(loggers, info)
+            if tp.istio_stats:
+                telemetry.record_tcp(
+                    self.stats, reporter=reporter, local=self.local, peer=None, info=info,
+                    destination_service=telemetry.destination_service(
+                        rec.cluster, local=self.local))
+        return on_close
 
     async def stop_tracing(self) -> None:
         """Flush the spans still buffered (Envoy flushes its tracers on shutdown)."""
