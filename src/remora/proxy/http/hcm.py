@@ -28,13 +28,12 @@ import random
 import socket
 import time
 import typing
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from remora.proxy.http import accesslog, telemetry, tracing
 from remora.proxy.http import routes as rt
-from remora.proxy.http.pool import ClusterHttpState, UpstreamConnection
+from remora.proxy.http.pool import ClusterHttpState, Flusher, UpstreamConnection
 from remora.proxy.http.types import (
     Body,
     ConnectionClosed,
@@ -53,11 +52,19 @@ from remora.proxy.http.types import (
 from remora.proxy.model import SocketAddress, TcpProxy
 from remora.proxy.stats import Stats
 from remora.proxy.tcp import ConnectionRecord
+from remora.proxy.timers import Deadline
 from remora.proxy.upstream import Host, UpstreamCluster, UpstreamError
 
 log = logging.getLogger(__name__)
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_NO_TIMEOUT = contextlib.nullcontext()
+
+
+def _timeout(limit: float | None) -> contextlib.AbstractAsyncContextManager[object]:
+    """``asyncio.timeout`` only when there is a limit (it costs a timer handle and a task
+    lookup per request; Istio's routes have none)."""
+    return _NO_TIMEOUT if limit is None else asyncio.timeout(limit)
 BUFFER_LIMIT = 1 << 20        # per_connection_buffer_limit_bytes (Envoy default 1 MiB)
 RESET_BEFORE = "upstream connect error or disconnect/reset before headers."
 HCM_STATS = (
@@ -88,6 +95,14 @@ def _status_text(status: int) -> str:
         return "Unknown"
 
 
+def request_id(rng: random.Random) -> str:
+    """A random UUID v4 in its text form (Envoy's UUID request-id extension): 122 random
+    bits, version 4, variant 10 (RFC 9562 §5.4), without building a ``uuid.UUID``."""
+    v = (rng.getrandbits(128) & ~(0xF000 << 64) & ~(0xC << 60)) | (0x4000 << 64) | (0x8 << 60)
+    h = f"{v:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def grpc_percent_encode(text: str) -> str:
     """gRPC's ``grpc-message`` encoding: UTF-8, then ``%XX`` for bytes outside printable
     ASCII and for ``%`` itself (gRPC "HTTP2 protocol", Responses)."""
@@ -110,6 +125,7 @@ class HttpContext:
         self.rng = rng
         self._states: dict[str, ClusterHttpState] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._flusher: Flusher | None = None
         self.writers = accesslog.AccessLogWriters()
         # Istio's peer metadata exchange: who this workload is, sent to the other side.
         self.local = telemetry.workload_from_node(node_metadata or {})
@@ -169,6 +185,12 @@ class HttpContext:
         for rep in self.reporters.values():
             await rep.stop()
 
+    def flusher_for(self) -> Flusher:
+        """The worker's write coalescer (made with the running loop on first use)."""
+        if self._flusher is None:
+            self._flusher = Flusher(self.loop or asyncio.get_running_loop())
+        return self._flusher
+
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.writers.arm(loop)
@@ -179,7 +201,8 @@ class HttpContext:
         st = self._states.get(cluster.name)
         if st is None or st.cluster is not cluster:
             assert self.loop is not None
-            st = self._states[cluster.name] = ClusterHttpState(cluster, self.stats, self.loop)
+            st = self._states[cluster.name] = ClusterHttpState(cluster, self.stats, self.loop,
+                                                               flusher=self.flusher_for())
         return st
 
     def close(self) -> None:
@@ -300,6 +323,8 @@ class _Downstream(asyncio.Protocol):
         self.loop = loop
         self.codec: ServerCodec | None = None
         self.transport: asyncio.Transport | None = None
+        self.flusher = hcm.ctx.flusher_for()
+        self.dirty = False
         self.streams: dict[int, _Stream] = {}
         self.closed: asyncio.Future[None] = loop.create_future()
         self.sniff = b""
@@ -307,7 +332,9 @@ class _Downstream(asyncio.Protocol):
         self.read_paused = False
         self.closing = False
         self.h1 = True
-        self._idle: asyncio.TimerHandle | None = None
+        cfg_idle = hcm.config.idle_timeout
+        self.idle = Deadline(loop, cfg_idle, self._idle_expired) if cfg_idle else None
+        self._sweep: asyncio.TimerHandle | None = None    # stream idle timeouts
         self._headers_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ asyncio protocol
@@ -335,6 +362,7 @@ class _Downstream(asyncio.Protocol):
         assert self.codec is not None
         self._dispatch(self.codec.receive(data))
         self.flush()
+        self.flusher.run()
 
     def eof_received(self) -> bool:
         if self.codec is None:
@@ -342,6 +370,7 @@ class _Downstream(asyncio.Protocol):
             return False
         self._dispatch(self.codec.receive(b""))
         self.flush()
+        self.flusher.run()
         # A tunnel's half-close went upstream (request_end); keep our side open for what the
         # upstream still sends. The tunnel's end closes the connection.
         return self.h1 and any(s.tunnel for s in self.streams.values())
@@ -462,6 +491,7 @@ class _Downstream(asyncio.Protocol):
             log.debug("bad HTTP2-Settings; not upgrading", exc_info=True)
             return False
         assert self.transport is not None
+        self.write_now()     # earlier responses on this connection go first
         self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nconnection: Upgrade\r\n"
                              b"upgrade: h2c\r\n\r\n")
         self.codec = h2
@@ -503,6 +533,10 @@ class _Downstream(asyncio.Protocol):
     # ------------------------------------------------------------------ used by streams
 
     def flush(self) -> None:
+        """Output is pending: write it at the end of this batch of events."""
+        self.flusher.mark(self)
+
+    def write_now(self) -> None:
         if self.codec is None or self.transport is None:
             return
         out = self.codec.data_to_send()
@@ -555,7 +589,7 @@ class _Downstream(asyncio.Protocol):
             if self.codec is not None and not self.h1:
                 with contextlib.suppress(Exception):
                     self.codec.close()
-                    self.flush()
+            self.write_now()
             self.transport.close()
         elif not self.closed.done():
             self.closed.set_result(None)
@@ -570,20 +604,37 @@ class _Downstream(asyncio.Protocol):
     # ------------------------------------------------------------------ timers
 
     def _arm_idle(self) -> None:
-        timeout = self.hcm.config.idle_timeout
-        if timeout:
-            self._cancel_idle()
-            self._idle = self.loop.call_later(timeout, self._idle_expired)
+        if self.idle is not None:
+            self.idle.start()
 
     def _cancel_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+        if self.idle is not None:
+            self.idle.stop()
 
     def _idle_expired(self) -> None:
-        self._idle = None
         if not self.streams:
             self.close()
+
+    def watch_stream_idle(self, timeout: float) -> None:
+        """A stream with ``stream_idle_timeout`` started: one sweep timer per connection
+        checks every stream's last activity (not a timer per request)."""
+        if self._sweep is None:
+            self._sweep = self.loop.call_later(timeout, self._sweep_streams)
+
+    def _sweep_streams(self) -> None:
+        self._sweep = None
+        now = self.loop.time()
+        soonest: float | None = None
+        for s in list(self.streams.values()):
+            if not s.idle_timeout or s.finished:
+                continue
+            left = s.last_activity + s.idle_timeout - now
+            if left <= 0.0005:
+                s._timed_out("SI", "stream timeout", "stream_idle_timeout")
+            elif soonest is None or left < soonest:
+                soonest = left
+        if soonest is not None and not self.closing:
+            self._sweep = self.loop.call_later(soonest, self._sweep_streams)
 
     def _headers_timeout(self) -> None:
         """``request_headers_timeout``: the first request's head did not arrive in time
@@ -604,7 +655,11 @@ class _Downstream(asyncio.Protocol):
         self.close()
 
     def _cancel_timers(self) -> None:
-        self._cancel_idle()
+        if self.idle is not None:
+            self.idle.cancel()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         if self._headers_timer is not None:
             self._headers_timer.cancel()
             self._headers_timer = None
@@ -645,7 +700,6 @@ class _Stream:
         self.request_done: asyncio.Future[None] | None = None   # set for mirrors
         self._request_timer: asyncio.TimerHandle | None = None
         self._duration_timer: asyncio.TimerHandle | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
         self.idle_timeout = 0.0
         self.last_activity = 0.0
         self.span: tracing.Span | None = None
@@ -699,22 +753,10 @@ class _Stream:
         self.set_idle_timeout(cfg.stream_idle_timeout)
 
     def set_idle_timeout(self, timeout: float | None) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
         self.idle_timeout = timeout or 0.0
         if self.idle_timeout:
             self.last_activity = self.conn.loop.time()
-            self._idle_timer = self.conn.loop.call_later(self.idle_timeout, self._idle_check)
-
-    def _idle_check(self) -> None:
-        self._idle_timer = None
-        loop = self.conn.loop
-        left = self.last_activity + self.idle_timeout - loop.time()
-        if left > 0.001:
-            self._idle_timer = loop.call_later(left, self._idle_check)
-            return
-        self._timed_out("SI", "stream timeout", "stream_idle_timeout")
+            self.conn.watch_stream_idle(self.idle_timeout)
 
     def _timed_out(self, flag: str, text: str, details: str) -> None:
         """A stream limit expired: 408 if nothing was answered yet, else a reset."""
@@ -733,10 +775,10 @@ class _Stream:
             self.task.cancel()
 
     def _cancel_timers(self) -> None:
-        for t in (self._request_timer, self._duration_timer, self._idle_timer):
+        for t in (self._request_timer, self._duration_timer):
             if t is not None:
                 t.cancel()
-        self._request_timer = self._duration_timer = self._idle_timer = None
+        self._request_timer = self._duration_timer = None
 
     def request_body(self, data: bytes) -> None:
         self.info.bytes_received += len(data)
@@ -935,7 +977,7 @@ class _Stream:
         elif "x-forwarded-proto" not in h:
             h.add("x-forwarded-proto", self.head.scheme or "http")
         if cfg.generate_request_id and "x-request-id" not in h:
-            h.add("x-request-id", str(uuid.uuid4()))
+            h.add("x-request-id", request_id(self.hcm.ctx.rng))
         if cfg.via:
             via = h.get("via")
             h.set("via", f"{via}, {cfg.via}" if via else cfg.via)
@@ -1413,7 +1455,7 @@ class _Router:
             limit = per_try if limit is None else min(limit, per_try)
         per_try_binding = bool(per_try and (deadline is None or now + per_try < deadline))
         try:
-            async with asyncio.timeout(limit):
+            async with _timeout(limit):
                 try:
                     conn = await pool.acquire()
                 except UpstreamError as exc:
@@ -1494,7 +1536,7 @@ class _Router:
         if not attempt.complete.done():
             limit = None if deadline is None else max(0.0, deadline - self.loop.time())
             try:
-                async with asyncio.timeout(limit):
+                async with _timeout(limit):
                     how = await attempt.complete
             except TimeoutError:
                 st.inc(self.state.s["upstream_rq_timeout"])

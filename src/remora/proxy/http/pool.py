@@ -40,6 +40,7 @@ from remora.proxy.http.types import (
 )
 from remora.proxy.model import OutlierDetection
 from remora.proxy.stats import Stats
+from remora.proxy.timers import Deadline
 from remora.proxy.upstream import Host, UpstreamCluster, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,45 @@ HTTP_CLUSTER_STATS = (
     "outlier_detection.ejections_overflow",
 )
 HTTP_CLUSTER_GAUGES = ("upstream_rq_pending_active", "outlier_detection.ejections_active")
+
+
+class Flusher:
+    """Coalesces writes: a connection that encoded output is marked, and every marked
+    connection writes once at the end of the current batch of events (the end of the
+    ``data_received`` that caused it, or the next loop turn). A response's head, body and end
+    then leave in one ``write`` (one syscall) instead of three."""
+
+    __slots__ = ("dirty", "loop", "scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.dirty: list[Writer] = []
+        self.scheduled = False
+
+    def mark(self, w: Writer) -> None:
+        if not w.dirty:
+            w.dirty = True
+            self.dirty.append(w)
+            if not self.scheduled:
+                self.scheduled = True
+                self.loop.call_soon(self._scheduled)
+
+    def _scheduled(self) -> None:
+        self.scheduled = False
+        self.run()
+
+    def run(self) -> None:
+        while self.dirty:
+            batch, self.dirty = self.dirty, []
+            for w in batch:
+                w.dirty = False
+                w.write_now()
+
+
+class Writer(typing.Protocol):
+    dirty: bool
+
+    def write_now(self) -> None: ...
 
 
 class StreamCallbacks(typing.Protocol):
@@ -90,6 +130,8 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: HttpPool, codec: ClientCodec) -> None:
         self.pool = pool
         self.codec = codec
+        self.flusher = pool.state.flusher
+        self.dirty = False
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, StreamCallbacks] = {}
         self.closing = False
@@ -97,7 +139,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.local_address = ""
         self.requests = 0
         self.write_paused = False
-        self._idle: asyncio.TimerHandle | None = None
+        timeout = pool.cluster.config.http_idle_timeout
+        self._idle = Deadline(pool.loop, timeout, self._idle_expired) if timeout else None
 
     # ------------------------------------------------------------------ asyncio protocol
 
@@ -113,10 +156,12 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._dispatch(self.codec.receive(data))
         self.flush()
+        self.flusher.run()
 
     def eof_received(self) -> bool:
         self._dispatch(self.codec.receive(b""))
         self.flush()
+        self.flusher.run()
         return False
 
     def pause_writing(self) -> None:
@@ -200,6 +245,10 @@ class UpstreamConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ used by requests
 
     def flush(self) -> None:
+        """Output is pending: write it at the end of this batch of events."""
+        self.flusher.mark(self)
+
+    def write_now(self) -> None:
         out = self.codec.data_to_send()
         if out and self.transport is not None and not self.lost:
             self.transport.write(out)
@@ -224,6 +273,7 @@ class UpstreamConnection(asyncio.Protocol):
     def half_close(self) -> None:
         """End an HTTP/1 tunnel's request side (``write_eof``); responses still arrive."""
         if self.transport is not None and not self.lost and self.transport.can_write_eof():
+            self.write_now()
             self.transport.write_eof()
 
     def consumed(self, sid: int, n: int) -> None:
@@ -267,31 +317,28 @@ class UpstreamConnection(asyncio.Protocol):
                 self.close()
             return
         if not self.streams:
-            timeout = self.pool.cluster.config.http_idle_timeout
-            if timeout:
-                self._cancel_idle()
-                self._idle = self.pool.loop.call_later(timeout, self._idle_expired)
+            if self._idle is not None:
+                self._idle.start()
             self.pool.released(self)
 
     def _idle_expired(self) -> None:
-        self._idle = None
         if not self.streams:
             self.pool.stats.inc(self.pool.state.s["upstream_cx_idle_timeout"])
             self.close()
 
     def _cancel_idle(self) -> None:
         if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
+            self._idle.stop()
 
     def close(self) -> None:
         self.closing = True
-        self._cancel_idle()
+        if self._idle is not None:
+            self._idle.cancel()
         self.pool.forget(self)
         if self.transport is not None and not self.lost:
             with contextlib.suppress(Exception):
                 self.codec.close()
-                self.flush()
+            self.write_now()
             self.transport.close()
 
 
@@ -443,7 +490,9 @@ class ClusterHttpState:
     """A cluster's HTTP side in one worker: pools per host, breaker counts, the detector."""
 
     def __init__(self, cluster: UpstreamCluster, stats: Stats, loop: asyncio.AbstractEventLoop,
-                 *, codec_factory: CodecFactory = default_codec) -> None:
+                 *, codec_factory: CodecFactory = default_codec,
+                 flusher: Flusher | None = None) -> None:
+        self.flusher = flusher or Flusher(loop)
         import random
         self.cluster = cluster
         self.stats = stats

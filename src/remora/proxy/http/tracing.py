@@ -36,6 +36,7 @@ from remora.proxy.http.types import RequestHead, StreamInfo
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL = 5.0       # Envoy runtime tracing.zipkin.flush_interval_ms default
+MIN_FLUSH_SPANS = 5        # Envoy runtime tracing.zipkin.min_flush_spans default
 MAX_BUFFERED_SPANS = 1000  # drop (and count) beyond this while the collector is away
 
 Kind = Literal["CLIENT", "SERVER"]
@@ -295,14 +296,28 @@ class ZipkinReporter:
         self.dropped = 0
         self.sent = 0
         self._task: asyncio.Task[None] | None = None
+        self._ev_loop: asyncio.AbstractEventLoop | None = None
+        self._flushing: asyncio.Task[None] | None = None
 
     def report(self, span: dict[str, Any]) -> None:
+        """Buffer a span; a batch goes out at :data:`MIN_FLUSH_SPANS` spans or on the timer,
+        as Envoy's Zipkin driver does."""
         if len(self.spans) >= MAX_BUFFERED_SPANS:
             self.dropped += 1
             return
         self.spans.append(span)
+        if (len(self.spans) >= MIN_FLUSH_SPANS and self._flushing is None
+                and self._ev_loop is not None):
+            self._flushing = self._ev_loop.create_task(self._flush_now())
+
+    async def _flush_now(self) -> None:
+        try:
+            await self.flush()
+        finally:
+            self._flushing = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._ev_loop = loop
         if self._task is None:
             self._task = loop.create_task(self._loop(), name="zipkin reporter")
 
