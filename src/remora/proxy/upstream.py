@@ -62,13 +62,14 @@ class UpstreamError(Exception):
 class Host:
     """One upstream host of one cluster in one worker, with Envoy's per-host stats."""
 
-    __slots__ = ("address", "family", "health_flags", "hostname", "locality", "priority",
-                 "sockaddr", "stats", "used", "weight")
+    __slots__ = ("address", "address_text", "family", "health_flags", "hostname", "locality",
+                 "priority", "sockaddr", "stats", "used", "weight")
 
     def __init__(self, address: SocketAddress, *, weight: int = 1, healthy: bool = True,
                  hostname: str = "", locality: tuple[str, str, str] = ("", "", ""),
                  priority: int = 0) -> None:
         self.address = address
+        self.address_text = str(address)       # for access logs, once
         self.family = platform.family_of(address)
         self.sockaddr = address.sockaddr()
         self.weight = max(1, weight)

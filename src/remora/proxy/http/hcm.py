@@ -325,6 +325,9 @@ class _Downstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.flusher = hcm.ctx.flusher_for()
         self.dirty = False
+        # Rendered once per connection for every stream's StreamInfo.
+        self.local_text = _addr_text(record.downstream_local)
+        self.remote_text = _addr_text(record.downstream_remote)
         self.streams: dict[int, _Stream] = {}
         self.closed: asyncio.Future[None] = loop.create_future()
         self.sniff = b""
@@ -686,11 +689,10 @@ class _Stream:
         self.response_done = False
         self.task: asyncio.Task[None] | None = None
         self.start_mono = conn.loop.time()
-        rec = conn.record
         self.info = StreamInfo(
             start_time=time.time(), protocol=ev.head.protocol, request=ev.head,
-            downstream_local_address=_addr_text(rec.downstream_local),
-            downstream_remote_address=_addr_text(rec.downstream_remote),
+            downstream_local_address=conn.local_text,
+            downstream_remote_address=conn.remote_text,
         )
         self.route: rt.Route | None = None
         self.vhost: rt.VirtualHost | None = None
@@ -1309,7 +1311,7 @@ class _Router:
                 info.response_flags.add("UH")
                 s.local_reply(503, "no healthy upstream", details="no_healthy_upstream")
                 return
-            info.upstream_host = str(host.address)
+            info.upstream_host = host.address_text
             self.tried.append(host)
             outcome, value, attempt = await self._try(host, attempt_no, deadline)
             if outcome == "response":

@@ -47,7 +47,10 @@ class HeaderMap:
         return [v for k, v in self._items if k == name]
 
     def __contains__(self, name: object) -> bool:
-        return any(k == name for k, _ in self._items)
+        for k, _ in self._items:  # noqa: SIM110  (a loop is cheaper than any() over a genexpr)
+            if k == name:
+                return True
+        return False
 
     def add(self, name: str, value: str) -> None:
         self._items.append((name.lower(), value))
@@ -77,7 +80,7 @@ class HeaderMap:
 
     def remove(self, name: str) -> None:
         name = name.lower()
-        if any(k == name for k, _ in self._items):
+        if name in self:
             self._items = [(k, v) for k, v in self._items if k != name]
 
     def items(self) -> list[tuple[str, str]]:
