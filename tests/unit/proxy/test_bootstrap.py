@@ -174,3 +174,27 @@ def test_unknown_typed_struct_network_filter_is_refused() -> None:
     with pytest.raises(BadInput) as err:
         compile_bootstrap(parse_bootstrap(data))
     assert "filters[0]" in str(err.value) and "some.Other" in str(err.value)
+
+
+def test_http_example_compiles_and_routes_by_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    from remora.proxy.http import routes as rt
+    from remora.proxy.http.types import RequestHead
+    monkeypatch.chdir(EXAMPLE.parents[1])       # the RDS file path is relative, as in Envoy
+    snap = load_bootstrap(str(EXAMPLE.with_name("sidecar-http-bootstrap.yaml")))
+    li = snap.listener("0.0.0.0_8080")
+    assert li is not None and not li.bind_to_port
+    hcm = li.filter_chains[0].hcm
+    assert hcm is not None and hcm.route_config is not None
+    assert hcm.filter("istio.stats") is not None and len(hcm.access_logs) == 1
+    svc = "outbound|8080||{}.default.svc.cluster.local".format
+    for host, cluster in (("demoappv10:8080", svc("demoappv10")),
+                          ("demoappv11", svc("demoappv11")),
+                          ("example.com", "PassthroughCluster")):
+        vh = rt.select_virtual_host(hcm.route_config, host)
+        assert vh is not None
+        route = rt.match_route(vh, RequestHead(method="GET", path="/", authority=host))
+        assert route is not None and route.route is not None and route.route.cluster == cluster
+    inbound = snap.listener("virtualInbound")
+    assert inbound is not None
+    chain = next(c for c in inbound.filter_chains if c.name == "0.0.0.0_8080")
+    assert chain.hcm is not None and chain.hcm.server_name == "istio-envoy"
