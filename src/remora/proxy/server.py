@@ -223,6 +223,8 @@ class Worker:
         """Stop: with ``graceful``, let open connections finish up to the drain time first."""
         if self._shutdown is not None and not self._shutdown.done():
             self.draining = True
+            if graceful:
+                self.http.start_drain()
             self._shutdown.set_result(graceful)
 
     async def _close_connections(self, grace: float) -> None:
@@ -442,8 +444,11 @@ class Worker:
     def drain_listeners(self, *, inbound_only: bool, graceful: bool, skip_exit: bool) -> None:
         """Envoy ``/drain_listeners``: stop listeners now, or with ``graceful`` after the drain
         time (still accepting meanwhile); ``skip_exit`` keeps them after a graceful drain.
-        Open TCP connections are not closed by a drain."""
+        Open TCP connections are not closed by a drain; HTTP connections are asked to close
+        (``connection: close``, GOAWAY) and idle keep-alive ones close now, as Envoy's
+        connection manager does."""
         self.draining = True
+        self.http.start_drain(inbound_only=inbound_only)
         if not graceful:
             self.stop_listeners(inbound_only=inbound_only)
             return

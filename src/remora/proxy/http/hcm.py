@@ -126,6 +126,9 @@ class HttpContext:
         self._states: dict[str, ClusterHttpState] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self._flusher: Flusher | None = None
+        self.connections: set[_Downstream] = set()
+        self.draining = False           # every listener drains
+        self.draining_inbound = False   # /drain_listeners?inboundonly
         self.writers = accesslog.AccessLogWriters()
         # Istio's peer metadata exchange: who this workload is, sent to the other side.
         self.local = telemetry.workload_from_node(node_metadata or {})
@@ -184,6 +187,22 @@ class HttpContext:
         """Flush the spans still buffered (Envoy flushes its tracers on shutdown)."""
         for rep in self.reporters.values():
             await rep.stop()
+
+    def start_drain(self, *, inbound_only: bool = False) -> None:
+        """The listeners drain (SIGTERM, ``/drain_listeners``): as Envoy's connection manager
+        does, close idle keep-alive connections now, answer the requests in flight with
+        ``connection: close`` (HTTP/1) or send GOAWAY (HTTP/2), so clients move elsewhere
+        instead of waiting out the drain time."""
+        if inbound_only:
+            self.draining_inbound = True
+        else:
+            self.draining = True
+        for conn in list(self.connections):
+            if not (inbound_only and conn.hcm.outbound):
+                conn.drain()
+
+    def drains(self, hcm: HttpConnectionManager) -> bool:
+        return self.draining or (self.draining_inbound and not hcm.outbound)
 
     def flusher_for(self) -> Flusher:
         """The worker's write coalescer (made with the running loop on first use)."""
@@ -345,6 +364,7 @@ class _Downstream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; same interface.
         self.transport = typing.cast(asyncio.Transport, transport)
+        self.hcm.ctx.connections.add(self)
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
@@ -390,6 +410,7 @@ class _Downstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        self.hcm.ctx.connections.discard(self)
         self._cancel_timers()
         for s in list(self.streams.values()):
             s.downstream_reset("DC")
@@ -572,6 +593,17 @@ class _Downstream(asyncio.Protocol):
                 self.close()
             else:
                 self._arm_idle()
+
+    def drain(self) -> None:
+        if self.closing:
+            return
+        if not self.streams:
+            self.close()
+            return
+        self.closing_after_streams = True
+        if not self.h1 and self.codec is not None:
+            self.codec.close()          # GOAWAY: streams in flight finish, no new ones
+            self.flush()
 
     def pause_reading(self) -> None:
         if not self.read_paused and self.transport is not None and not self.closing:
@@ -1044,6 +1076,10 @@ class _Stream:
         mode = cfg.server_header_transformation
         if mode == "OVERWRITE" or (mode == "APPEND_IF_ABSENT" and "server" not in h):
             h.set("server", cfg.server_name)
+        conn = self.conn
+        if conn.h1 and (conn.closing_after_streams or self.hcm.ctx.drains(self.hcm)) \
+                and head.status != 101:
+            h.set("connection", "close")    # draining: this connection ends here
         if self.route is not None and self.vhost is not None and cfg.route_config is not None:
             rt.apply_response_headers(cfg.route_config, self.vhost, self.route, head,
                                       request=self.head, cluster=self.weight)

@@ -1387,3 +1387,40 @@ async def test_grpc_local_reply_is_trailers_only_grpc_status() -> None:
     info = await env.info()
     assert info.grpc_status == 14 and "UF" in flags(info)
     await env.close()
+
+
+@run
+async def test_drain_closes_idle_connections_and_asks_busy_ones_to_close() -> None:
+    """SIGTERM / /drain_listeners: an idle keep-alive connection is closed at once; a request
+    in flight is answered with ``connection: close`` and its connection then ends (Envoy's
+    connection manager drain), so the drain does not wait out its time."""
+    gate = asyncio.Event()
+
+    async def held(req: UpReq) -> None:
+        await gate.wait()
+        await ok_handler(req)
+    env = make_env(servers={A: Server(held)})
+    idle, busy = env.client(), env.client()
+    gate.set()
+    assert (await idle.request()).status == 200           # now idle, kept alive
+    gate.clear()
+    busy.send(http1_request())
+    await env.servers[A].request(2)
+    env.ctx.start_drain()
+    await idle.closed()
+    gate.set()
+    r = await busy.response()
+    assert r.status == 200 and r.get("connection") == "close"
+    await busy.closed()
+    await env.close()
+
+
+@run
+async def test_inbound_only_drain_leaves_outbound_connections() -> None:
+    env = make_env()
+    c = env.client()
+    assert (await c.request()).status == 200
+    env.ctx.start_drain(inbound_only=True)      # this HCM is outbound
+    r = await c.request()
+    assert r.status == 200 and r.get("connection") is None
+    await env.close()
