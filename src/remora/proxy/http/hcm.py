@@ -127,6 +127,7 @@ class HttpContext:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._flusher: Flusher | None = None
         self.connections: set[_Downstream] = set()
+        self.shadows: set[asyncio.Task[None]] = set()   # request mirrors in flight
         self.draining = False           # every listener drains
         self.draining_inbound = False   # /drain_listeners?inboundonly
         self.writers = accesslog.AccessLogWriters()
@@ -225,6 +226,8 @@ class HttpContext:
         return st
 
     def close(self) -> None:
+        for t in list(self.shadows):
+            t.cancel()
         for st in self._states.values():
             st.close()
         self.writers.close()
@@ -1042,7 +1045,10 @@ class _Stream:
         async def shadow() -> None:
             with contextlib.suppress(Exception):
                 await _shadow_request(stream.hcm, cluster, head, stream)
-        self.conn.loop.create_task(shadow())
+        task = self.conn.loop.create_task(shadow())
+        # Tracked so a shutdown cancels them (they are not the connection's business).
+        self.hcm.ctx.shadows.add(task)
+        task.add_done_callback(self.hcm.ctx.shadows.discard)
 
     # ------------------------------------------------------------------ responses
 
@@ -1434,7 +1440,7 @@ class _Router:
         if refused and ("refused-stream" in on or "reset-before-request" in on):
             return True
         return bool(on & {"5xx", "gateway-error", "reset", "reset-before-request"}
-                    if flag in ("UC", "UR") else set())
+                    if flag in ("UC", "UR", "UPE") else set())
 
     def _may_retry(self) -> bool:
         if self.retries_left <= 0 or not self.s.retry_ok or self.s.response_started:
@@ -1516,7 +1522,9 @@ class _Router:
         if outcome == "reset":
             reason, refused = value
             self.ctx.stats.inc(self.state.s["upstream_rq_rx_reset"])
-            flag = "UC" if reason == "connection termination" else "UR"
+            # Envoy's flags: the connection ended (UC), the peer reset the stream (UR), or it
+            # broke the protocol (UPE).
+            flag = {"connection termination": "UC", "protocol error": "UPE"}.get(reason, "UR")
             return "failure", (flag, reason, refused), None
         return "response", value, attempt
 

@@ -1424,3 +1424,21 @@ async def test_inbound_only_drain_leaves_outbound_connections() -> None:
     r = await c.request()
     assert r.status == 200 and r.get("connection") is None
     await env.close()
+
+
+@run
+async def test_upstream_protocol_error_is_upe() -> None:
+    """An upstream that answers bytes that are not HTTP: 503 with flag UPE (Envoy's
+    UpstreamProtocolError), not a remote reset."""
+    async def garbage(req: UpReq) -> None:
+        await req.complete()
+        assert req.conn.transport is not None
+        req.conn.transport.write(b"\x00\x01 this is not HTTP\r\n\r\n")
+    env = make_env(servers={A: Server(garbage)})
+    r = await env.client().request()
+    assert r.status == 503
+    info = await env.info()
+    assert flags(info) == {"UPE"}
+    assert info.response_code_details == \
+        "upstream_reset_before_response_started{protocol_error}"
+    await env.close()
