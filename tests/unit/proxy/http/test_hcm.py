@@ -1442,3 +1442,53 @@ async def test_upstream_protocol_error_is_upe() -> None:
     assert info.response_code_details == \
         "upstream_reset_before_response_started{protocol_error}"
     await env.close()
+
+
+@run
+async def test_http2_refused_stream_is_retried_under_istios_default_policy() -> None:
+    """An HTTP/2 upstream answering RST_STREAM(REFUSED_STREAM) did not process the request:
+    Istio's default ``refused-stream`` retries it, on the other host."""
+    calls: list[str] = []
+
+    async def first_refuses(req: UpReq) -> None:
+        if not calls:
+            calls.append("refused")
+            req.conn.codec.reset(req.stream, 7)      # REFUSED_STREAM
+            req.conn.flush()
+            return
+        calls.append("ok")
+        await ok_handler(req)
+    env = make_env(hosts=(A, B), servers={A: Server(first_refuses, protocol="HTTP/2"),
+                                          B: Server(first_refuses, protocol="HTTP/2")},
+                   routes=[route(SVC, retry_policy=ISTIO_RETRY)],
+                   cluster_kw={"http_protocol": "HTTP2"})
+    r = await env.client().request()
+    assert r.status == 200
+    assert calls == ["refused", "ok"]
+    info = await env.info()
+    assert info.attempt_count == 2 and not flags(info)
+    assert env.ccounter(SVC, "upstream_rq_retry") == 1
+    await env.close()
+
+
+@run
+async def test_http2_goaway_streams_above_last_are_retried() -> None:
+    """GOAWAY with last_stream_id below a stream: that stream was never processed and is
+    retried (Envoy treats it like REFUSED_STREAM)."""
+    calls: list[str] = []
+
+    async def first_goes_away(req: UpReq) -> None:
+        if not calls:
+            calls.append("goaway")
+            req.conn.codec._conn.close_connection(last_stream_id=0)   # before any stream
+            req.conn.flush()
+            return
+        calls.append("ok")
+        await ok_handler(req)
+    env = make_env(hosts=(A, B), servers={A: Server(first_goes_away, protocol="HTTP/2"),
+                                          B: Server(first_goes_away, protocol="HTTP/2")},
+                   routes=[route(SVC, retry_policy=ISTIO_RETRY)],
+                   cluster_kw={"http_protocol": "HTTP2"})
+    r = await env.client().request()
+    assert r.status == 200 and calls == ["goaway", "ok"]
+    await env.close()
