@@ -39,7 +39,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noq
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
-from google.protobuf import json_format, symbol_database
+from google.protobuf import json_format
 from google.protobuf.message import Message
 from udpa.type.v1 import typed_struct_pb2  # noqa: F401
 from xds.type.v3 import typed_struct_pb2 as xds_typed_struct_pb2  # noqa: F401
@@ -69,9 +69,10 @@ from remora.proxy.model import (
     Thresholds,
     WeightedCluster,
 )
+from remora.proxy.protocheck import ANY_FIELDS, check_fields
+from remora.proxy.protocheck import unpack as _unpack
 
 # Fields Remora implements, per message type. Anything else set in a bootstrap is refused.
-ANY_FIELDS = "*"
 SUPPORTED: dict[str, str | frozenset[str]] = {
     "envoy.config.bootstrap.v3.Bootstrap": frozenset({"node", "static_resources", "admin"}),
     "envoy.config.core.v3.Node": frozenset({"id", "cluster", "metadata"}),
@@ -170,42 +171,9 @@ ISTIO_NETWORK_FILTERS = {
 }
 
 
-def _unpack(any_msg: Message, path: str) -> Message:
-    type_name = any_msg.type_url.split("/")[-1]
-    try:
-        cls = symbol_database.Default().GetSymbol(type_name)
-    except KeyError:
-        raise BadInput(f"unsupported {path}: type {type_name} is not implemented") from None
-    msg: Message = cls()
-    any_msg.Unpack(msg)
-    return msg
-
-
 def check_supported(msg: Message, path: str) -> None:
     """Refuse any field outside :data:`SUPPORTED`, naming its path."""
-    name = msg.DESCRIPTOR.full_name
-    if name in DELEGATED:
-        return
-    allowed = SUPPORTED.get(name)
-    if allowed is None:
-        raise BadInput(f"unsupported {path}: {name} is not implemented")
-    if allowed == ANY_FIELDS:
-        if name == "google.protobuf.Any":
-            check_supported(_unpack(msg, path), path)
-        return
-    for field, value in msg.ListFields():
-        where = f"{path}.{field.name}"
-        if field.name not in allowed:
-            raise BadInput(f"unsupported field {where} (Remora does not implement it)")
-        if field.message_type is None:
-            continue
-        if field.is_repeated:
-            if field.message_type.GetOptions().map_entry:
-                continue
-            for i, item in enumerate(value):
-                check_supported(item, f"{where}[{i}]")
-        else:
-            check_supported(value, where)
+    check_fields(msg, path, SUPPORTED, skip_types=DELEGATED)
 
 
 def load_file(path: str) -> dict[str, Any]:

@@ -38,11 +38,12 @@ from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 from envoy.extensions.formatter.req_without_query.v3 import req_without_query_pb2
 from google.protobuf import json_format as pb_json
-from google.protobuf import symbol_database
 from google.protobuf.message import Message
 
 from remora.errors import BadInput
 from remora.proxy.http.types import HeaderMap, StreamInfo
+from remora.proxy.protocheck import ANY_FIELDS, check_fields
+from remora.proxy.protocheck import unpack as _unpack
 
 # ----------------------------------------------------------------------------- constants
 
@@ -639,7 +640,7 @@ class AccessLogConfig:
         return self.formatter.format(info)
 
 
-ANY = "*"
+ANY = ANY_FIELDS
 # Fields implemented, per message; everything else is refused with its path. Public so the
 # bootstrap checker can accept ``access_log`` lists with the same table.
 SUPPORTED_FIELDS: dict[str, str | frozenset[str]] = {
@@ -678,38 +679,9 @@ _LOGGER_TYPES = {
 _REQ_WITHOUT_QUERY = req_without_query_pb2.ReqWithoutQuery.DESCRIPTOR.full_name
 
 
-def _unpack(any_msg: Message, path: str) -> Message:
-    type_name = any_msg.type_url.split("/")[-1]
-    try:
-        cls = symbol_database.Default().GetSymbol(type_name)
-    except KeyError:
-        raise BadInput(f"unsupported {path}: type {type_name} is not implemented") from None
-    msg: Message = cls()
-    any_msg.Unpack(msg)
-    return msg
-
-
 def _check(msg: Message, path: str) -> None:
     """Refuse any field Remora does not implement, naming its path."""
-    name = msg.DESCRIPTOR.full_name
-    allowed = SUPPORTED_FIELDS.get(name)
-    if allowed is None:
-        raise BadInput(f"unsupported {path}: {name} is not implemented")
-    if allowed == ANY:
-        if name == "google.protobuf.Any":
-            _check(_unpack(msg, path), path)
-        return
-    for fd, value in msg.ListFields():
-        where = f"{path}.{fd.name}"
-        if fd.name not in allowed:
-            raise BadInput(f"unsupported field {where} (Remora does not implement it)")
-        if fd.message_type is None:
-            continue
-        if fd.is_repeated:
-            for i, item in enumerate(value):
-                _check(item, f"{where}[{i}]")
-        else:
-            _check(value, where)
+    check_fields(msg, path, SUPPORTED_FIELDS)
 
 
 _OPS: tuple[Literal["EQ", "GE", "LE", "NE"], ...] = ("EQ", "GE", "LE", "NE")

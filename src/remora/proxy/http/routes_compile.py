@@ -43,8 +43,9 @@ from remora.errors import BadInput
 from remora.proxy.http import routes as rt
 from remora.proxy.http.accesslog import compile_access_logs
 from remora.proxy.http.tracing import compile_tracing
+from remora.proxy.protocheck import ANY_FIELDS, check_fields
+from remora.proxy.protocheck import unpack as _unpack
 
-ANY_FIELDS = "*"
 _RA = "envoy.config.route.v3.RouteAction"
 _HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _MUTATION_FIELDS = frozenset({"request_headers_to_add", "request_headers_to_remove",
@@ -230,42 +231,11 @@ RETRY_ON = frozenset({
 # ----------------------------------------------------------------------------- checking
 
 
-def _unpack(any_msg: Message, path: str) -> Message:
-    type_name = any_msg.type_url.split("/")[-1]
-    try:
-        cls = symbol_database.Default().GetSymbol(type_name)
-    except KeyError:
-        raise BadInput(f"unsupported {path}: type {type_name} is not implemented") from None
-    msg: Message = cls()
-    any_msg.Unpack(msg)
-    return msg
-
-
 def check_http_supported(msg: Message, path: str) -> None:
     """Refuse any field outside :data:`HTTP_SUPPORTED`, naming its path. ``Any`` values are
     unpacked and checked; maps (``typed_per_filter_config``, metadata) are checked by their
     compilers; the HCM's ``access_log`` by :mod:`remora.proxy.http.accesslog`."""
-    name = msg.DESCRIPTOR.full_name
-    allowed = HTTP_SUPPORTED.get(name)
-    if allowed is None:
-        raise BadInput(f"unsupported {path}: {name} is not implemented")
-    if allowed == ANY_FIELDS:
-        if name == "google.protobuf.Any":
-            check_http_supported(_unpack(msg, path), path)
-        return
-    for fd, value in msg.ListFields():
-        where = f"{path}.{fd.name}"
-        if fd.name not in allowed:
-            raise BadInput(f"unsupported field {where} (Remora does not implement it)")
-        if fd.message_type is None or (name, fd.name) in _DELEGATED_FIELDS:
-            continue
-        if fd.is_repeated:
-            if fd.message_type.GetOptions().map_entry:
-                continue
-            for i, item in enumerate(value):
-                check_http_supported(item, f"{where}[{i}]")
-        else:
-            check_http_supported(value, where)
+    check_fields(msg, path, HTTP_SUPPORTED, skip_fields=_DELEGATED_FIELDS)
 
 
 # ----------------------------------------------------------------------------- small parts
