@@ -163,14 +163,17 @@ def verdict_program(index_fd: int, slots_fd: int, sockhash_fd: int) -> bytes:
     """The ``sk_skb`` verdict program, per skb a paired socket receives::
 
         slot = slots[index[cookie(skb)]]          # none: SK_PASS (user space reads it)
-        if slot.stopped: return SK_PASS
+        if slot.stopped or skb.len == 0: return SK_PASS
         n = slot.bytes + skb.len
         if n > slot.limit: slot.stopped = 1; return SK_PASS     # for good: see tcp.py
         slot.bytes = n
         return sk_redirect_hash(skb, sockhash, &slot.peer, 0)    # the peer's egress
 
-    One socket's skbs are never verdicted concurrently (the socket is locked), so the plain
-    add is exact; user space only reads ``bytes``/``stopped`` and raises ``limit``.
+    An skb without data (a FIN on its own) is not redirected: the kernel would report
+    ``EPIPE`` on the peer for its zero-length send (measured on 6.18); user space sees the
+    EOF anyway. One socket's skbs are never verdicted concurrently (the socket is locked),
+    so the plain add is exact; user space only reads ``bytes``/``stopped`` and raises
+    ``limit``.
     """
     return assemble([
         mov64_reg(R6, R1),
@@ -191,6 +194,7 @@ def verdict_program(index_fd: int, slots_fd: int, sockhash_fd: int) -> bytes:
         ldx_mem(8, R1, R0, SLOT_STOPPED * 8),
         (lambda o: jne_imm(R1, 0, o), "pass"),
         ldx_mem(4, R1, R6, 0),                  # __sk_buff.len
+        (lambda o: jeq_imm(R1, 0, o), "pass"),  # a bare FIN: see above
         ldx_mem(8, R2, R0, SLOT_BYTES * 8),
         add64_reg(R2, R1),
         ldx_mem(8, R3, R0, SLOT_LIMIT * 8),
@@ -271,11 +275,15 @@ def prog_load(prog_type: int, insns: bytes, name: str, expected_attach_type: int
     attr = _attr("=IIQQIIQII16sII", prog_type, len(insns) // 8, ctypes.addressof(code),
                  ctypes.addressof(license_), 1, len(log), ctypes.addressof(log), 0, 0,
                  name.encode()[:15], 0, expected_attach_type)
-    try:
-        return _sys_bpf(BPF_PROG_LOAD, attr, f"prog_load({name})")
-    except BpfError as exc:
-        exc.log = log.value.decode(errors="replace")
-        raise
+    for attempt in range(5):
+        try:
+            return _sys_bpf(BPF_PROG_LOAD, attr, f"prog_load({name})")
+        except BpfError as exc:
+            if exc.errno == errno.EAGAIN and attempt < 4:
+                continue    # the verifier was interrupted; libbpf retries too
+            exc.log = log.value.decode(errors="replace")
+            raise
+    raise AssertionError("unreachable")
 
 
 def prog_attach(target_fd: int, prog_fd: int, attach_type: int) -> None:

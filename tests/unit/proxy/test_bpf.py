@@ -117,6 +117,26 @@ def test_pair_relays_counts_and_reports_eof(pairs: bpf.SockPairs) -> None:
         s.close()
 
 
+def test_a_bare_fin_does_not_break_the_peer(pairs: bpf.SockPairs) -> None:
+    """A FIN on its own is a zero-length skb: redirected, the kernel would set EPIPE on the
+    peer; the program passes it instead, and the EOF still reaches user space."""
+    client, a, b, server = _two_hops()
+    pair = pairs.pair(a, b, 1 << 20)
+    assert pair is not None
+    client.sendall(b"x" * 100)
+    assert server.recv(1000) == b"x" * 100
+    client.shutdown(socket.SHUT_WR)
+    assert a.recv(10) == b""
+    assert b.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    b.shutdown(socket.SHUT_WR)
+    assert server.recv(10) == b""
+    server.sendall(b"bye")
+    assert client.recv(10) == b"bye"
+    pairs.release(pair)
+    for s in (client, a, b, server):
+        s.close()
+
+
 def test_past_its_limit_a_direction_goes_to_user_space(pairs: bpf.SockPairs) -> None:
     client, a, b, server = _two_hops()
     pair = pairs.pair(a, b, 10)
