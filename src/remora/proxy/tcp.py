@@ -16,6 +16,16 @@ are folded into the stat store when the connection ends and whenever the stats a
 a timer that ticks every ``idle_timeout / IDLE_TICKS`` and compares the byte counts with the
 previous tick (no clock read per chunk; the connection closes between ``idle_timeout`` and
 ``idle_timeout * (1 + 1/IDLE_TICKS)`` after its last byte).
+Kernel relay (``--tcp-offload``, maps from :mod:`remora.proxy.bpf`): once a plain IPv4,
+non-transparent connection has nothing buffered in either write buffer and nothing unread on
+either socket (so the sniffed ``initial`` bytes and a server-first upstream's first bytes have
+gone out, and no half-read skb can be sent twice), its two sockets are paired in the sockmap
+and the kernel moves the bytes; user space still sees EOF, errors and close. EOF and close
+towards a socket wait until the bytes the kernel redirected to it have reached it (its
+``tcpi_bytes_acked`` + ``SIOCOUTQ`` against the redirected count). A direction whose
+receiver lags OFFLOAD_LIMIT bytes behind (raised every OFFLOAD_TICK) is handed back to user
+space for good, after those bytes have drained: the kernel does not bound what it queues
+for a slow receiver. Byte counters and the idle timer add the kernel's per-direction counts.
 Must not: accept connections, run listener filters or match filter chains (that is
 :mod:`remora.proxy.server`), or open sockets itself (upstream connections come from
 :mod:`remora.proxy.upstream`; the downstream socket is handed in).
@@ -591,8 +601,10 @@ class _Session:
                 return
         self._drain_polls[d] = None
         waiting = self._waiting[d]
-        while waiting:
-            waiting.pop(0)()
+        actions = waiting[:]
+        waiting.clear()     # an action may wait again (for bytes it lets through)
+        for action in actions:
+            action()
 
     def _passed(self, d: int, data: bytes) -> None:
         """The kernel gave direction ``d``'s bytes to user space (its limit was reached: the
