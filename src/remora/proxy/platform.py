@@ -18,6 +18,7 @@ References: Envoy ``original_dst`` listener filter (``original_dst_filter.rst``)
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -196,6 +197,14 @@ def tcp_written(sock: socket.socket) -> int:
 def unread_bytes(sock: socket.socket) -> int:
     """Bytes received but not yet read (``SIOCINQ``/``FIONREAD``)."""
     return int(_INT.unpack(fcntl.ioctl(sock.fileno(), SIOCINQ, b"\0\0\0\0"))[0])
+
+
+def peek_nowait(fd: int) -> None:
+    """``recv(fd, 1, MSG_PEEK | MSG_DONTWAIT)``, ignoring the outcome: on a socket in a BPF
+    sockmap this runs the skbs that were already queued through the verdict program (new
+    ones are run as they arrive)."""
+    with socket.socket(fileno=os.dup(fd)) as dup, contextlib.suppress(OSError):
+        dup.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
 def is_transparent(sock: socket.socket) -> bool:

@@ -42,6 +42,7 @@ import contextlib
 import functools
 import logging
 import random
+import select
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -129,7 +130,10 @@ class TcpProxyFilter:
         self._weights = [w.weight for w in config.weighted_clusters]
         self.live: set[_Session] = set()   # sessions relaying (their bytes may be unflushed)
         self.offloaded: set[_Session] = set()   # sessions relayed by the kernel
+        self.to_offload: set[_Session] = set()  # busy when last tried: tried again per tick
         self._ticker: asyncio.TimerHandle | None = None
+        self._watch: select.epoll | None = None     # offloaded sockets' hang-ups and errors
+        self._watched: dict[int, _Half] = {}
         self.stat_offloaded = scope + "offloaded"
         if offload is not None:
             stats.declare(self.stat_offloaded, "counter")
@@ -138,10 +142,39 @@ class TcpProxyFilter:
         self._ticker = None
         for session in list(self.offloaded):
             session.refresh_limits()
+        for session in list(self.to_offload):
+            session.try_offload(1)
         self.start_ticker(loop)
 
+    def watch(self, fd: int, half: _Half, loop: asyncio.AbstractEventLoop) -> None:
+        """Call ``half.session.unpark(half)`` when ``fd`` sees EOF, a reset or an error.
+        Unlike the loop's reader, this epoll set does not wake on data (the kernel relay's
+        every skb would wake the loop for nothing)."""
+        if self._watch is None:
+            self._watch = select.epoll()
+            loop.add_reader(self._watch.fileno(), self._on_watch)
+        if fd in self._watched:
+            self.unwatch(fd, self._watched[fd])
+        self._watch.register(fd, select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR)
+        self._watched[fd] = half
+
+    def unwatch(self, fd: int, half: _Half) -> None:
+        if self._watched.get(fd) is half and self._watch is not None:
+            del self._watched[fd]
+            with contextlib.suppress(OSError):
+                self._watch.unregister(fd)
+
+    def _on_watch(self) -> None:
+        assert self._watch is not None
+        for fd, _ in self._watch.poll(0):
+            half = self._watched.pop(fd, None)
+            with contextlib.suppress(OSError):
+                self._watch.unregister(fd)
+            if half is not None:
+                half.session.unpark(half)
+
     def start_ticker(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._ticker is None and self.offloaded:
+        if self._ticker is None and (self.offloaded or self.to_offload):
             self._ticker = loop.call_later(OFFLOAD_TICK, self._tick, loop)
 
     def flush_stats(self) -> None:
@@ -368,7 +401,7 @@ class _Upstream(_Half):
 class _Session:
     """The relay of one connection pair."""
 
-    __slots__ = ("_base", "_drain_polls", "_dsock", "_flushed_down", "_flushed_up", "_held",
+    __slots__ = ("_base", "_drain_polls", "_dsock", "_fds", "_flushed_down", "_flushed_up", "_held",
                  "_idle", "_idle_last", "_idle_seen", "_state", "_usock", "_waiting", "cluster",
                  "done", "down", "early", "filter", "host", "loop", "pair", "record", "up",
                  "upstream_closed_locally")
@@ -398,6 +431,7 @@ class _Session:
         self._dsock: socket.socket | None = None
         self._usock: socket.socket | None = None
         self._base = [0, 0]         # bytes the receiving socket had been handed at pairing
+        self._fds = (-1, -1)        # the paired sockets' fds (watched for EOF and errors)
         self._state = [KERNEL, KERNEL]
         self._held: tuple[list[bytes], list[bytes]] = ([], [])
         self._waiting: tuple[list[Callable[[], None]], list[Callable[[], None]]] = ([], [])
@@ -460,7 +494,7 @@ class _Session:
                 self.down.data_received(initial)
             if self.filter.offload is not None:
                 self._dsock = sock
-                self._try_offload(OFFLOAD_TRIES)
+                self.try_offload(OFFLOAD_TRIES)
             idle = self.filter.config.idle_timeout
             if idle:
                 now = self.loop.time()
@@ -476,6 +510,7 @@ class _Session:
             if self._idle is not None:
                 self._idle.cancel()
             live.discard(self)
+            self.filter.to_offload.discard(self)
             self.flush_bytes()
             self.record.bytes_received = self.rx_down()
             self.record.bytes_sent = self.rx_up()
@@ -506,15 +541,16 @@ class _Session:
 
     # ------------------------------------------------------------------ kernel relay
 
-    def _try_offload(self, tries: int) -> None:
+    def try_offload(self, tries: int) -> None:
         """Hand the relay to the kernel (BPF sockmap, :mod:`remora.proxy.bpf`) if nothing
         user space holds could be overtaken or repeated: both write buffers empty, nothing
         unread on either socket, no EOF yet, plain IPv4 sockets, not transparent (TPROXY).
         Retried for a few loop iterations while a write buffer (the sniffed ``initial``
-        bytes, a server-first upstream's first bytes) drains or bytes are being read;
-        otherwise the relay stays in user space (a bulk sender keeps it there)."""
+        bytes, a server-first upstream's first bytes) drains or bytes are being read, then
+        once per tick while the connection lasts (a bulk sender keeps it in user space)."""
         sp = self.filter.offload
         down, up = self.down, self.up
+        self.filter.to_offload.discard(self)
         if (sp is None or self.pair is not None or self.done.done() or down.lost or up.lost
                 or down.read_eof or up.read_eof or down.paused or up.paused):
             return
@@ -536,7 +572,10 @@ class _Session:
             return
         if busy:
             if tries > 1:
-                self.loop.call_soon(self._try_offload, tries - 1)
+                self.loop.call_soon(self.try_offload, tries - 1)
+            else:
+                self.filter.to_offload.add(self)
+                self.filter.start_ticker(self.loop)
             return
         try:
             base = [platform.tcp_written(usock), platform.tcp_written(dsock)]
@@ -554,6 +593,24 @@ class _Session:
         flt.stats.inc(flt.stat_offloaded)
         flt.offloaded.add(self)
         flt.start_ticker(self.loop)
+        # Stop reading: the loop would wake for every skb the kernel relays. EOF, resets and
+        # errors come through the filter's watch; a direction stopped at its limit, through
+        # the tick (refresh_limits).
+        self._fds = (dsock.fileno(), usock.fileno())
+        for half, fd in zip((down, up), self._fds, strict=True):
+            flt.watch(fd, half, self.loop)
+            half.transport.pause_reading()
+            # An skb that arrived between the unread check and the pairing waits for the next
+            # one (a request/response peer may send none): have the kernel run it now.
+            platform.peek_nowait(fd)
+
+    def unpark(self, half: _Half) -> None:
+        """Read ``half`` in user space again (its EOF, its error, or bytes the kernel passed
+        to user space)."""
+        if (not half.lost and not half.read_eof and not half.paused
+                and not half.transport.is_closing()
+                and self._state[half.DIR] != DRAINING):
+            half.transport.resume_reading()
 
     def _pending(self, d: int) -> int:
         """Bytes the kernel has redirected in direction ``d`` that the receiving socket has
@@ -655,6 +712,9 @@ class _Session:
         if pair is None:
             return
         for d in (0, 1):
+            if self._state[d] == KERNEL and pair.stopped(d):
+                self.unpark(self.down if d == 0 else self.up)   # read what it passed us
+                continue
             if self._state[d] != KERNEL or pair.limit(d) - pair.bytes(d) >= OFFLOAD_LIMIT // 2:
                 continue
             sock = self._usock if d == 0 else self._dsock
@@ -674,6 +734,8 @@ class _Session:
         self.up.rx += pair.bytes(1)
         self.pair = None
         self.filter.offloaded.discard(self)
+        for half, fd in zip((self.down, self.up), self._fds, strict=True):
+            self.filter.unwatch(fd, half)
         sp.release(pair)
 
     def _check_idle(self, idle: float) -> None:

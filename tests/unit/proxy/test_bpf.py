@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -132,6 +133,29 @@ def test_a_bare_fin_does_not_break_the_peer(pairs: bpf.SockPairs) -> None:
     assert server.recv(10) == b""
     server.sendall(b"bye")
     assert client.recv(10) == b"bye"
+    pairs.release(pair)
+    for s in (client, a, b, server):
+        s.close()
+
+
+def test_bytes_queued_before_the_pairing_move_on_a_peek(pairs: bpf.SockPairs) -> None:
+    """An skb already queued when the socket enters the map waits for the next one; a
+    MSG_PEEK recv (platform.peek_nowait, as tcp.py does after pairing) runs it through."""
+    client, a, b, server = _two_hops()
+    client.sendall(b"early")
+    deadline = time.monotonic() + 5
+    while platform.unread_bytes(a) < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    pair = pairs.pair(a, b, 1 << 20)
+    assert pair is not None
+    server.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        server.recv(10)                     # stuck in a's receive queue
+    platform.peek_nowait(a.fileno())
+    server.settimeout(5)
+    assert server.recv(10) == b"early"
+    assert pair.bytes(0) == 5
     pairs.release(pair)
     for s in (client, a, b, server):
         s.close()
