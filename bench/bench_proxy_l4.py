@@ -422,9 +422,10 @@ class Target:
 
 
 class Bench:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, tcp_offload: str = "auto") -> None:
         tag = f"{os.getpid()}-{secrets.token_hex(2)}"
         self.tmp = tmp
+        self.tcp_offload = tcp_offload
         self.client, self.pod, self.peer = (f"rmb-{k}-{tag}" for k in ("cli", "pod", "peer"))
         self.namespaces: list[str] = []
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -534,7 +535,8 @@ class Bench:
             "nginx stream": ["nginx", "-p", str(tmp), "-c", str(tmp / "stream.conf")],
             "haproxy tcp": ["haproxy", "-db", "-f", str(tmp / "haproxy.cfg")],
             "remora static": [REMORA, "proxy", "-c", str(tmp / "remora-static.yaml"),
-                              "--concurrency", "1", "--drain-time-s", "1"],
+                              "--concurrency", "1", "--drain-time-s", "1",
+                              "--tcp-offload", self.tcp_offload],
         }
         for name, argv in procs.items():
             http, iperf = LISTEN[name]
@@ -550,7 +552,8 @@ class Bench:
         run(in_ns(self.pod, [REMORA, "iptables", *CAPTURE_FLAGS]), timeout=60)
         proc = self.spawn("remora capture", self.pod,
                           [REMORA, "proxy", "-c", str(tmp / "remora-istio.yaml"),
-                           "--concurrency", "1", "--drain-time-s", "1"])
+                           "--concurrency", "1", "--drain-time-s", "1",
+                           "--tcp-offload", self.tcp_offload])
         self.wait_ready("remora capture", proc, self.pod)
         targets["remora capture"] = Target("remora capture", self.pod, (SERVICE_IP, HTTP_PORT),
                                            (SERVICE_IP, IPERF_PORT), pid=proc.pid)
@@ -654,7 +657,8 @@ class Bench:
                   "cluster.outbound|8080||svc.default.svc.cluster.local;.upstream_cx_total",
                   "cluster.outbound|5201||iperf.default.svc.cluster.local;.upstream_cx_total",
                   "cluster.PassthroughCluster.upstream_cx_total")
-        lines = [ln for ln in body.decode().splitlines() if ln.split(":")[0] in wanted]
+        lines = [ln for ln in body.decode().splitlines()
+                 if ln.split(":")[0] in wanted or ln.split(":")[0].endswith(".offloaded")]
         return "; ".join(lines)
 
 
@@ -814,6 +818,8 @@ def main() -> None:
                         help="measurement rounds over all targets (medians are printed)")
     parser.add_argument("--latency-client", nargs=6, help=argparse.SUPPRESS,
                         metavar=("HOST", "PORT", "RATE", "SECONDS", "WARMUP", "CONNS"))
+    parser.add_argument("--tcp-offload", choices=("auto", "off"), default="auto",
+                        help="remora's kernel relay (BPF sockmap); off: relay in user space")
     args = parser.parse_args()
     if args.latency_client:
         host, port, rate, seconds, warmup, conns = args.latency_client
@@ -834,7 +840,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rmbench-l4-") as tmpdir:
         tmp = Path(tmpdir)
         os.chmod(tmp, 0o755)
-        bench = Bench(tmp)
+        bench = Bench(tmp, args.tcp_offload)
         try:
             bench.make_network()
             targets = bench.start()

@@ -146,6 +146,9 @@ def cmd_proxy(argv: Sequence[str]) -> int:
                    help="how long open connections may finish on shutdown (Envoy: 600)")
     p.add_argument("-l", "--log-level", default="info", choices=sorted(LEVELS),
                    type=str.lower)
+    p.add_argument("--tcp-offload", choices=("auto", "off"), default="auto",
+                   help="relay plain tcp_proxy connections in the kernel with a BPF sockmap "
+                   "(auto: when it can be loaded; default auto)")
     p.add_argument("--base-id", type=int, default=0, help="accepted and ignored (no hot "
                    "restart)")
     ns = p.parse_args(list(argv))
@@ -156,7 +159,7 @@ def cmd_proxy(argv: Sequence[str]) -> int:
     logging.getLogger(ROOT_LOGGER).setLevel(LEVELS[ns.log_level])
     opts = ProxyOptions(config_path=ns.config_path, concurrency=ns.concurrency, uid=ns.uid,
                         gid=ns.gid, drain_time_s=ns.drain_time_s, log_level=ns.log_level,
-                        base_id=ns.base_id)
+                        base_id=ns.base_id, tcp_offload=ns.tcp_offload)
     return run_proxy(opts)
 
 

@@ -1,6 +1,8 @@
 """The proxy's worker on loopback sockets (no root): accept, listener filters, chain match,
 tcp_proxy relay (half-close, flow control, idle timeout, resets), upstream failures (UH, UF,
-UO, connect timeout), drain — under both asyncio's loop and uvloop.
+UO, connect timeout), drain — under both asyncio's loop and uvloop. The relay tests also run
+with the kernel relay (``relay`` = ``kernel``: the BPF sockmap of remora.proxy.bpf; skipped
+when it cannot be loaded, e.g. without root).
 
 Every wait is on an event or a condition with a deadline; nothing sleeps to synchronise.
 """
@@ -21,10 +23,11 @@ from typing import Any, TypeVar
 import pytest
 import uvloop
 
+from remora.proxy import bpf
 from remora.proxy.bootstrap import compile_bootstrap, parse_bootstrap
 from remora.proxy.model import Snapshot
 from remora.proxy.server import Worker
-from remora.proxy.tcp import HIGH_WATERMARK, IDLE_TICKS
+from remora.proxy.tcp import HIGH_WATERMARK, IDLE_TICKS, TcpProxyFilter
 
 # "thread": a SIGALRM cannot interrupt uvloop while it waits in epoll.
 pytestmark = pytest.mark.timeout(60, method="thread")
@@ -60,6 +63,28 @@ def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, T]], T]
         with asyncio.Runner(loop_factory=LOOPS[request.param]) as r:
             return r.run(bounded())
     return runner
+
+
+# The kernel relay's maps for the proxies a test starts (set by the ``relay`` fixture).
+_OFFLOAD: list[bpf.SockPairs | None] = [None]
+
+
+@pytest.fixture(params=["user", "kernel"])
+def relay(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "user":
+        yield "user"
+        return
+    try:
+        pairs = bpf.load(capacity=64)
+    except OSError as exc:
+        pytest.skip(f"BPF sockmap not loadable here: {exc}")
+    _OFFLOAD[0] = pairs
+    try:
+        yield "kernel"
+    finally:
+        _OFFLOAD[0] = None
+        assert pairs.active == 0, "a pair was not released"
+        pairs.close()
 
 
 # ------------------------------------------------------------------------------ config
@@ -98,7 +123,7 @@ def snapshot(listeners: list[dict[str, Any]], clusters: list[dict[str, Any]]) ->
 
 @contextlib.asynccontextmanager
 async def proxy(snap: Snapshot, *, drain_time: float = 5.0) -> AsyncIterator[Worker]:
-    w = Worker(snap, drain_time=drain_time, rng=random.Random(0))
+    w = Worker(snap, drain_time=drain_time, rng=random.Random(0), offload=_OFFLOAD[0])
     w.bind()
     ready = asyncio.Event()
     task = asyncio.create_task(w.run(ready.set))
@@ -179,7 +204,7 @@ def free_port() -> int:
 # ------------------------------------------------------------------------------ relay
 
 
-def test_echo_counts_bytes_and_connections(run: Callable[..., None]) -> None:
+def test_echo_counts_bytes_and_connections(run: Callable[..., None], relay: str) -> None:
     async def main() -> None:
         async with upstream(echo) as up, proxy(snapshot([listener(tcp_chain("c"))],
                                                         [cluster("c", up)])) as w:
@@ -199,6 +224,7 @@ def test_echo_counts_bytes_and_connections(run: Callable[..., None]) -> None:
             assert s.value("cluster.c.upstream_cx_total") == 1
             assert s.value("cluster.c.upstream_cx_tx_bytes_total") == 5
             assert s.value("cluster.c.upstream_cx_rx_bytes_total") == 5
+            assert s.value("tcp.c.offloaded") == (relay == "kernel")
             await until(lambda: stat(w, "cluster.c.upstream_cx_active") == 0)
             host = w.cluster_status()[0].hosts[0]
             assert host.stats["cx_total"] == 1 and host.stats["rq_total"] == 1
@@ -207,7 +233,7 @@ def test_echo_counts_bytes_and_connections(run: Callable[..., None]) -> None:
 
 
 def test_half_close_from_the_client_keeps_the_reply_direction_open(
-        run: Callable[..., None]) -> None:
+        run: Callable[..., None], relay: str) -> None:
     async def count_then_reply(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         data = await read_all(r)          # the client's EOF must arrive here
         w.write(b"got %d" % len(data))
@@ -225,7 +251,7 @@ def test_half_close_from_the_client_keeps_the_reply_direction_open(
 
 
 def test_half_close_from_the_server_keeps_the_request_direction_open(
-        run: Callable[..., None]) -> None:
+        run: Callable[..., None], relay: str) -> None:
     received: list[bytes] = []
 
     async def banner_then_listen(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -246,7 +272,7 @@ def test_half_close_from_the_server_keeps_the_request_direction_open(
     run(main())
 
 
-def test_upstream_reset_closes_the_downstream(run: Callable[..., None]) -> None:
+def test_upstream_reset_closes_the_downstream(run: Callable[..., None], relay: str) -> None:
     async def send_then_reset(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         w.write(b"partial")
         await w.drain()
@@ -267,7 +293,7 @@ def test_upstream_reset_closes_the_downstream(run: Callable[..., None]) -> None:
     run(main())
 
 
-def test_downstream_reset_closes_the_upstream(run: Callable[..., None]) -> None:
+def test_downstream_reset_closes_the_upstream(run: Callable[..., None], relay: str) -> None:
     seen_eof = asyncio.Event
 
     async def main() -> None:
@@ -292,7 +318,7 @@ def test_downstream_reset_closes_the_upstream(run: Callable[..., None]) -> None:
 
 
 def test_slow_reader_does_not_make_the_proxy_buffer_everything(
-        run: Callable[..., None]) -> None:
+        run: Callable[..., None], relay: str) -> None:
     total = 64 * 1024 * 1024
     chunk = b"z" * 65536
     sent = [0]
@@ -338,7 +364,7 @@ def test_slow_reader_does_not_make_the_proxy_buffer_everything(
     assert HIGH_WATERMARK == 1 << 20
 
 
-def test_idle_timeout_closes_both_sides(run: Callable[..., None]) -> None:
+def test_idle_timeout_closes_both_sides(run: Callable[..., None], relay: str) -> None:
     async def main() -> None:
         server_saw_eof = asyncio.Event()
 
@@ -359,7 +385,8 @@ def test_idle_timeout_closes_both_sides(run: Callable[..., None]) -> None:
     run(main())
 
 
-def test_byte_counters_exact_while_the_connection_is_open(run: Callable[..., None]) -> None:
+def test_byte_counters_exact_while_the_connection_is_open(
+        run: Callable[..., None], relay: str) -> None:
     """The relay counts bytes per connection and folds them in when the stats are read:
     every read, mid-connection included, is exact, and a reset drops what came before."""
     async def main() -> None:
@@ -392,7 +419,7 @@ def test_byte_counters_exact_while_the_connection_is_open(run: Callable[..., Non
     run(main())
 
 
-def test_idle_timeout_counts_from_the_last_byte(run: Callable[..., None]) -> None:
+def test_idle_timeout_counts_from_the_last_byte(run: Callable[..., None], relay: str) -> None:
     """Traffic in either direction keeps the connection open; it closes idle_timeout (plus
     at most one timer tick) after the last byte, never before."""
     async def main() -> None:
@@ -411,6 +438,39 @@ def test_idle_timeout_counts_from_the_last_byte(run: Callable[..., None]) -> Non
             assert 0.3 - 0.02 <= waited < 0.3 * (1 + 1 / IDLE_TICKS) + 0.25, waited
             assert stat(w, "tcp.c.idle_timeout") == 1
             wr.close()
+    run(main())
+
+
+def test_kernel_relay_carries_the_bytes_and_the_counters(
+        run: Callable[..., None], relay: str) -> None:
+    """With the sockmap, the bytes of a plain connection never reach Python; the counters
+    come from the kernel's per-direction counts, exact while the connection is open."""
+    if relay != "kernel":
+        pytest.skip("kernel relay only")
+
+    async def main() -> None:
+        async with upstream(echo) as up, proxy(snapshot([listener(tcp_chain("c"))],
+                                                        [cluster("c", up)])) as w:
+            r, wr = await asyncio.open_connection(LO, port(w))
+            await until(lambda: stat(w, "tcp.c.offloaded") == 1)
+            flt = next(f for f in w._filters.values() if isinstance(f, TcpProxyFilter))
+            session = next(iter(flt.offloaded))
+            assert session.pair is not None
+            sent = 0
+            for size in (1, 1000, 200_000):
+                wr.write(b"k" * size)
+                sent += size
+                assert len(await r.readexactly(size)) == size
+                assert stat(w, "tcp.c.downstream_cx_rx_bytes_total") == sent
+                assert stat(w, "cluster.c.upstream_cx_rx_bytes_total") == sent
+            assert session.down.rx == session.up.rx == 0      # nothing went through Python
+            assert session.pair.bytes(0) == session.pair.bytes(1) == sent
+            wr.write_eof()
+            assert await read_all(r) == b""
+            wr.close()
+            await until(lambda: stat(w, "listener.127.0.0.1_0.downstream_cx_destroy") == 1)
+            assert not flt.offloaded
+            assert stat(w, "tcp.c.downstream_cx_tx_bytes_total") == sent
     run(main())
 
 

@@ -68,6 +68,12 @@ def bootstrap(mode: str = "ALLOW_ANY") -> dict[str, Any]:
         vo = next(li for li in res["listeners"] if li["name"] == "virtualOutbound")
         catchall = vo["filter_chains"][1]["filters"][0]["typed_config"]
         catchall["stat_prefix"] = catchall["cluster"] = "BlackHoleCluster"
+    if mode == "IDLE":        # the passthrough tcp_proxy closes idle connections after 1 s
+        vo = next(li for li in res["listeners"] if li["name"] == "virtualOutbound")
+        for chain in vo["filter_chains"]:
+            tp = chain["filters"][0]["typed_config"]
+            if tp.get("stat_prefix") == "PassthroughCluster":
+                tp["idle_timeout"] = "1s"
     if mode == "TPROXY":
         for li in res["listeners"]:
             if li["name"] in ("virtualOutbound", "virtualInbound"):
@@ -397,6 +403,64 @@ def test_a_slow_reader_does_not_grow_the_proxy_memory(env: Env) -> None:
             server.kill()
             if client is not None:
                 client.kill()
+
+
+def _echo_session(env: Env, port: int, *ping: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An echo server outside, a ping client in the pod (through the passthrough tcp_proxy);
+    both final JSON lines."""
+    server = Tool(env.peer, "echo", "--listen", f"{OUTSIDE}:{port}")
+    client: Tool | None = None
+    try:
+        server.expect("ready")
+        client = Tool(env.pod, "ping", "--target", f"{OUTSIDE}:{port}", *ping)
+        client.expect("connected")
+        seen = json.loads(client.line(timeout=20))
+        return seen, json.loads(server.line(timeout=20))
+    finally:
+        server.kill()
+        if client is not None:
+            client.kill()
+
+
+def test_plain_tcp_is_relayed_by_the_kernel_after_dropping_to_1337(env: Env) -> None:
+    """--tcp-offload auto (the default): the BPF sockmap is loaded as root, then used by the
+    uid-1337 worker for plain IPv4 tcp_proxy connections; the client's half-close reaches the
+    server and the reply still comes back; the byte counters are exact. off: user space."""
+    with env.proxy() as p:
+        assert any("tcp offload on" in line for line in p.lines), p.lines
+        seen, served = _echo_session(env, 9400, "--rounds", "20")
+        assert seen == {"rounds": 20, "end": "bye 2000"}, seen
+        assert served == {"bytes": 2000, "end": "eof"}, served
+        stats = env.stats()
+        assert stats["tcp.PassthroughCluster.offloaded"] == 1
+        assert stats["tcp.PassthroughCluster.downstream_cx_rx_bytes_total"] == 2000
+        assert stats["tcp.PassthroughCluster.downstream_cx_tx_bytes_total"] == 2008
+        assert stats["cluster.PassthroughCluster.upstream_cx_rx_bytes_total"] == 2008
+    with env.proxy("ALLOW_ANY", "--tcp-offload", "off") as p:
+        assert any("tcp offload off" in line for line in p.lines), p.lines
+        seen, served = _echo_session(env, 9401, "--rounds", "3")
+        assert seen == {"rounds": 3, "end": "bye 300"}, seen
+        stats = env.stats()
+        assert "tcp.PassthroughCluster.offloaded" not in stats
+        assert stats["tcp.PassthroughCluster.downstream_cx_tx_bytes_total"] == 307
+
+
+def test_kernel_relayed_reset_and_idle_timeout(env: Env) -> None:
+    """With the kernel relaying: a client's reset closes the upstream; an idle connection is
+    closed by idle_timeout (1 s here) although no byte went through user space."""
+    with env.proxy() as p:
+        seen, served = _echo_session(env, 9402, "--rounds", "5", "--reset")
+        assert seen == {"rounds": 5, "end": "reset sent"}, seen
+        assert served["bytes"] == 500 and served["end"] in ("eof", "reset"), served
+        assert env.stats()["tcp.PassthroughCluster.offloaded"] == 1
+    with env.proxy("IDLE") as p:
+        seen, served = _echo_session(env, 9403, "--rounds", "5", "--hold", "10")
+        assert seen["end"] == "eof" and 0.9 <= seen["after"] < 3, seen
+        assert served["bytes"] == 500, served
+        stats = env.stats()
+        assert stats["tcp.PassthroughCluster.offloaded"] == 1
+        assert stats["tcp.PassthroughCluster.idle_timeout"] == 1
+    assert p.proc.returncode == 0
 
 
 def test_concurrency_two_workers_merge_stats_and_stop_cleanly(env: Env) -> None:

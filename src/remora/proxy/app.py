@@ -3,7 +3,8 @@
 Owns: the order of start-up (bootstrap → every module the process will need imported → listen
 sockets bound as root → privileges dropped to ``--uid/--gid`` → event loop (uvloop when
 available) → admin API → clusters warmed → accepting → one ``remora proxy ready`` log line),
-the choice between one process (``--concurrency 1``: worker and admin share a loop) and a
+loading the kernel relay's BPF maps (``--tcp-offload``, :mod:`remora.proxy.bpf`) while still
+root, the choice between one process (``--concurrency 1``: worker and admin share a loop) and a
 supervising parent with N workers (:mod:`remora.proxy.workers`), signals (SIGTERM/SIGINT: drain
 then exit; SIGPIPE ignored), and Envoy's ``command_line_options`` for ``/server_info``.
 Must not: parse the command line (that is :mod:`remora.cli`), print anything but log lines,
@@ -26,8 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from remora.errors import EnvironmentFault
+from remora.proxy import bpf, platform, workers
 from remora.proxy import control as ctl
-from remora.proxy import platform, workers
 from remora.proxy.bootstrap import load_bootstrap
 from remora.proxy.model import Snapshot, SocketAddress
 from remora.proxy.server import Worker
@@ -53,6 +54,7 @@ class ProxyOptions:
     drain_time_s: float = 600.0
     log_level: str = "info"
     base_id: int = 0
+    tcp_offload: str = "auto"      # auto | off (remora.proxy.bpf)
 
 
 def command_line_options(opts: ProxyOptions) -> dict[str, object]:
@@ -150,7 +152,8 @@ def run_proxy(opts: ProxyOptions) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     cmdline = command_line_options(opts)
     if opts.concurrency <= 1:
-        worker = Worker(snapshot, drain_time=opts.drain_time_s)
+        worker = Worker(snapshot, drain_time=opts.drain_time_s,
+                        offload=bpf.try_load(opts.tcp_offload))
         try:
             worker.bind()
         except OSError as exc:
@@ -167,7 +170,7 @@ def _run_workers(opts: ProxyOptions, snapshot: Snapshot, cmdline: dict[str, obje
                  factory: Callable[[], asyncio.AbstractEventLoop]) -> int:
     spec = workers.WorkerSpec(snapshot=snapshot, concurrency=opts.concurrency,
                               drain_time=opts.drain_time_s, uid=opts.uid, gid=opts.gid,
-                              loop_factory=factory)
+                              loop_factory=factory, tcp_offload=opts.tcp_offload)
     handles = workers.spawn(spec)
     try:
         listeners = workers.wait_ready(handles, timeout=60.0)

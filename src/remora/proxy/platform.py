@@ -7,7 +7,8 @@ processes can each bind the same address, ``IPV6_V6ONLY`` for ``::`` as Envoy do
 ``IP_TRANSPARENT``/``IPV6_TRANSPARENT`` when a listener is transparent), opening upstream
 sockets bound to a source address (``upstream_bind_config``: a plain bind when the address is
 local, such as 127.0.0.6 which lives on ``lo``; ``IP_FREEBIND``/``IPV6_FREEBIND`` only when the
-kernel says the address is not local), and dropping privileges.
+kernel says the address is not local), how many bytes a TCP socket has been handed
+(``tcp_written``, for the kernel relay's drain checks), and dropping privileges.
 Must not: accept, connect, read or write (that is the server and the TCP layer), or decide
 anything about configuration.
 
@@ -17,9 +18,12 @@ References: Envoy ``original_dst`` listener filter (``original_dst_filter.rst``)
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import socket
+import struct
 import sys
 
 from remora.proxy.model import SocketAddress
@@ -170,6 +174,48 @@ def upstream_socket(family: socket.AddressFamily,
         sock.close()
         raise
     return sock
+
+
+SIOCINQ = 0x541B                  # <asm/ioctls.h> FIONREAD: rcv_nxt - copied_seq for TCP
+SIOCOUTQ = 0x5411                 # <asm/ioctls.h> TIOCOUTQ: write_seq - snd_una for TCP
+TCPI_BYTES_ACKED = 120            # offset of tcpi_bytes_acked in struct tcp_info (u64)
+_INT = struct.Struct("i")
+
+
+def tcp_written(sock: socket.socket) -> int:
+    """Bytes the application has handed to this TCP socket so far (acked + still queued;
+    after a connect, +1 for the SYN; after a shutdown, +1 for the FIN): ``tcpi_bytes_acked``
+    plus ``SIOCOUTQ``. Raises OSError when the socket is gone."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_BYTES_ACKED + 8)
+    if len(info) < TCPI_BYTES_ACKED + 8:
+        raise OSError(errno.EOPNOTSUPP, "tcp_info without tcpi_bytes_acked")
+    acked = int.from_bytes(info[TCPI_BYTES_ACKED:TCPI_BYTES_ACKED + 8], sys.byteorder)
+    outq = _INT.unpack(fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
+    return acked + int(outq)
+
+
+def unread_bytes(sock: socket.socket) -> int:
+    """Bytes received but not yet read (``SIOCINQ``/``FIONREAD``)."""
+    return int(_INT.unpack(fcntl.ioctl(sock.fileno(), SIOCINQ, b"\0\0\0\0"))[0])
+
+
+def peek_nowait(fd: int) -> None:
+    """``recv(fd, 1, MSG_PEEK | MSG_DONTWAIT)``, ignoring the outcome: on a socket in a BPF
+    sockmap this runs the skbs that were already queued through the verdict program (new
+    ones are run as they arrive)."""
+    with socket.socket(fileno=os.dup(fd)) as dup, contextlib.suppress(OSError):
+        dup.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+
+
+def is_transparent(sock: socket.socket) -> bool:
+    """The socket (accepted from an ``IP_TRANSPARENT`` listener, as TPROXY needs) is
+    transparent."""
+    try:
+        if sock.family == socket.AF_INET6:
+            return bool(sock.getsockopt(SOL_IPV6, IPV6_TRANSPARENT))
+        return bool(sock.getsockopt(SOL_IP, IP_TRANSPARENT))
+    except OSError:
+        return False
 
 
 def drop_privileges(uid: int, gid: int) -> bool:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from remora.proxy import platform
+from remora.proxy.bpf import SockPairs
 from remora.proxy.dispatch import ConnectionInfo, HandoffIndex, select_filter_chain
 from remora.proxy.http.hcm import HttpConnectionManager, HttpContext
 from remora.proxy.model import FilterChain, Listener, Snapshot, SocketAddress
@@ -117,7 +118,8 @@ class Worker:
     def __init__(self, snapshot: Snapshot, *, drain_time: float = 600.0, index: int = 0,
                  concurrency: int = 1, rng: random.Random | None = None,
                  sniffer: Sniffer = sniff,
-                 resolver: Resolver = system_resolver) -> None:
+                 resolver: Resolver = system_resolver,
+                 offload: SockPairs | None = None) -> None:
         self.snapshot = snapshot
         self.drain_time = drain_time
         self.index = index
@@ -139,7 +141,8 @@ class Worker:
                     self._filters[id(chain)] = TcpProxyFilter(
                         tp, self.clusters, self.stats, self.rng,
                         on_close=self.http.tcp_telemetry(
-                            tp, outbound=li.traffic_direction != "INBOUND"))
+                            tp, outbound=li.traffic_direction != "INBOUND"),
+                        offload=None if li.transparent else offload)
                 hcm = chain.hcm
                 if hcm is not None:
                     self._filters[id(chain)] = HttpConnectionManager(

@@ -16,6 +16,16 @@ are folded into the stat store when the connection ends and whenever the stats a
 a timer that ticks every ``idle_timeout / IDLE_TICKS`` and compares the byte counts with the
 previous tick (no clock read per chunk; the connection closes between ``idle_timeout`` and
 ``idle_timeout * (1 + 1/IDLE_TICKS)`` after its last byte).
+Kernel relay (``--tcp-offload``, maps from :mod:`remora.proxy.bpf`): once a plain IPv4,
+non-transparent connection has nothing buffered in either write buffer and nothing unread on
+either socket (so the sniffed ``initial`` bytes and a server-first upstream's first bytes have
+gone out, and no half-read skb can be sent twice), its two sockets are paired in the sockmap
+and the kernel moves the bytes; user space still sees EOF, errors and close. EOF and close
+towards a socket wait until the bytes the kernel redirected to it have reached it (its
+``tcpi_bytes_acked`` + ``SIOCOUTQ`` against the redirected count). A direction whose
+receiver lags OFFLOAD_LIMIT bytes behind (raised every OFFLOAD_TICK) is handed back to user
+space for good, after those bytes have drained: the kernel does not bound what it queues
+for a slow receiver. Byte counters and the idle timer add the kernel's per-direction counts.
 Must not: accept connections, run listener filters or match filter chains (that is
 :mod:`remora.proxy.server`), or open sockets itself (upstream connections come from
 :mod:`remora.proxy.upstream`; the downstream socket is handed in).
@@ -29,13 +39,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
+import select
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
+from remora.proxy import platform
+from remora.proxy.bpf import Pair, SockPairs
 from remora.proxy.lb import pick_weighted
 from remora.proxy.model import SocketAddress, TcpProxy
 from remora.proxy.stats import TCP_STATS, Stats
@@ -46,6 +60,13 @@ log = logging.getLogger(__name__)
 HIGH_WATERMARK = 1 << 20          # Envoy per_connection_buffer_limit_bytes default
 LOW_WATERMARK = HIGH_WATERMARK // 2
 IDLE_TICKS = 8                    # idle-timer checks per idle_timeout
+# Kernel relay (--tcp-offload): at most OFFLOAD_LIMIT bytes redirected but not yet taken by
+# the receiving socket, per direction; the limits are raised every OFFLOAD_TICK seconds.
+OFFLOAD_LIMIT = HIGH_WATERMARK
+OFFLOAD_TICK = 0.05
+OFFLOAD_TRIES = 8                 # loop iterations to wait for empty write buffers
+DRAIN_STALL = 2.0                 # give up waiting for a drain that makes no progress (s)
+KERNEL, DRAINING, USER = 0, 1, 2  # a direction's relay under offload
 
 # Envoy's core response flags in the order they are printed (spec §10.1).
 FLAG_ORDER = ("LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX",
@@ -94,8 +115,10 @@ class TcpProxyFilter:
 
     def __init__(self, config: TcpProxy, clusters: Mapping[str, UpstreamCluster], stats: Stats,
                  rng: random.Random,
-                 on_close: Callable[[ConnectionRecord, float], None] | None = None) -> None:
+                 on_close: Callable[[ConnectionRecord, float], None] | None = None,
+                 offload: SockPairs | None = None) -> None:
         self.on_close = on_close     # access logs / Istio TCP metrics, with the loop's time
+        self.offload = offload       # the kernel relay's maps, when loaded
         self.config = config
         self.clusters = clusters
         self.stats = stats
@@ -106,6 +129,53 @@ class TcpProxyFilter:
             stats.declare(scope + name, kind)
         self._weights = [w.weight for w in config.weighted_clusters]
         self.live: set[_Session] = set()   # sessions relaying (their bytes may be unflushed)
+        self.offloaded: set[_Session] = set()   # sessions relayed by the kernel
+        self.to_offload: set[_Session] = set()  # busy when last tried: tried again per tick
+        self._ticker: asyncio.TimerHandle | None = None
+        self._watch: select.epoll | None = None     # offloaded sockets' hang-ups and errors
+        self._watched: dict[int, _Half] = {}
+        self.stat_offloaded = scope + "offloaded"
+        if offload is not None:
+            stats.declare(self.stat_offloaded, "counter")
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._ticker = None
+        for session in list(self.offloaded):
+            session.refresh_limits()
+        for session in list(self.to_offload):
+            session.try_offload(1)
+        self.start_ticker(loop)
+
+    def watch(self, fd: int, half: _Half, loop: asyncio.AbstractEventLoop) -> None:
+        """Call ``half.session.unpark(half)`` when ``fd`` sees EOF, a reset or an error.
+        Unlike the loop's reader, this epoll set does not wake on data (the kernel relay's
+        every skb would wake the loop for nothing)."""
+        if self._watch is None:
+            self._watch = select.epoll()
+            loop.add_reader(self._watch.fileno(), self._on_watch)
+        if fd in self._watched:
+            self.unwatch(fd, self._watched[fd])
+        self._watch.register(fd, select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR)
+        self._watched[fd] = half
+
+    def unwatch(self, fd: int, half: _Half) -> None:
+        if self._watched.get(fd) is half and self._watch is not None:
+            del self._watched[fd]
+            with contextlib.suppress(OSError):
+                self._watch.unregister(fd)
+
+    def _on_watch(self) -> None:
+        assert self._watch is not None
+        for fd, _ in self._watch.poll(0):
+            half = self._watched.pop(fd, None)
+            with contextlib.suppress(OSError):
+                self._watch.unregister(fd)
+            if half is not None:
+                half.session.unpark(half)
+
+    def start_ticker(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._ticker is None and (self.offloaded or self.to_offload):
+            self._ticker = loop.call_later(OFFLOAD_TICK, self._tick, loop)
 
     def flush_stats(self) -> None:
         """Fold the byte counts of open connections into the stat store (before a read)."""
@@ -186,7 +256,10 @@ class TcpProxyFilter:
 
 
 class _Half(asyncio.Protocol):
-    """One side's protocol; ``peer`` is the other side."""
+    """One side's protocol; ``peer`` is the other side. ``DIR``: the offload direction whose
+    bytes this side reads (0 downstream → upstream, 1 upstream → downstream)."""
+
+    DIR = 0
 
     __slots__ = ("lost", "paused", "peer", "read_eof", "rx", "session", "transport", "write",
                  "write_paused")
@@ -216,6 +289,9 @@ class _Half(asyncio.Protocol):
         if self.read_eof:
             return True
         self.read_eof = True
+        if self.session.pair is not None:
+            self.session.offload_eof(self)
+            return True
         peer = self.peer
         if not peer.lost and not peer.transport.is_closing():
             peer.transport.write_eof()
@@ -308,6 +384,7 @@ class _Downstream(_Half):
 
 class _Upstream(_Half):
     __slots__ = ()
+    DIR = 1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -324,8 +401,9 @@ class _Upstream(_Half):
 class _Session:
     """The relay of one connection pair."""
 
-    __slots__ = ("_flushed_down", "_flushed_up", "_idle", "_idle_last", "_idle_seen", "cluster",
-                 "done", "down", "early", "filter", "host", "loop", "record", "up",
+    __slots__ = ("_base", "_drain_polls", "_dsock", "_fds", "_flushed_down", "_flushed_up", "_held",
+                 "_idle", "_idle_last", "_idle_seen", "_state", "_usock", "_waiting", "cluster",
+                 "done", "down", "early", "filter", "host", "loop", "pair", "record", "up",
                  "upstream_closed_locally")
 
     def __init__(self, flt: TcpProxyFilter, cluster: UpstreamCluster, record: ConnectionRecord,
@@ -348,18 +426,37 @@ class _Session:
         self._idle: asyncio.TimerHandle | None = None
         self._idle_last = 0.0       # when the idle timer last saw bytes move
         self._idle_seen = 0         # down.rx + up.rx at that time
+        # kernel relay (offload): the pair, and per direction (0: down → up, 1: up → down)
+        self.pair: Pair | None = None
+        self._dsock: socket.socket | None = None
+        self._usock: socket.socket | None = None
+        self._base = [0, 0]         # bytes the receiving socket had been handed at pairing
+        self._fds = (-1, -1)        # the paired sockets' fds (watched for EOF and errors)
+        self._state = [KERNEL, KERNEL]
+        self._held: tuple[list[bytes], list[bytes]] = ([], [])
+        self._waiting: tuple[list[Callable[[], None]], list[Callable[[], None]]] = ([], [])
+        self._drain_polls: list[tuple[int, float] | None] = [None, None]   # (pending, since)
+
+    def rx_down(self) -> int:
+        """Bytes read from downstream so far (user space and kernel)."""
+        pair = self.pair
+        return self.down.rx if pair is None else self.down.rx + pair.bytes(0)
+
+    def rx_up(self) -> int:
+        pair = self.pair
+        return self.up.rx if pair is None else self.up.rx + pair.bytes(1)
 
     def flush_bytes(self) -> None:
         """Add the bytes relayed since the last flush to the stat store."""
         c = self.filter.stats.counters
-        rx = self.down.rx
+        rx = self.rx_down()
         n = rx - self._flushed_down
         if n:
             self._flushed_down = rx
             for name in (self.filter.s["downstream_cx_rx_bytes_total"],
                          self.cluster.stat("upstream_cx_tx_bytes_total")):
                 c[name] = c.get(name, 0) + n
-        rx = self.up.rx
+        rx = self.rx_up()
         n = rx - self._flushed_up
         if n:
             self._flushed_up = rx
@@ -395,11 +492,14 @@ class _Session:
             self._take_over_early()
             if initial and not self.up.lost and not self.up.transport.is_closing():
                 self.down.data_received(initial)
+            if self.filter.offload is not None:
+                self._dsock = sock
+                self.try_offload(OFFLOAD_TRIES)
             idle = self.filter.config.idle_timeout
             if idle:
                 now = self.loop.time()
                 self._idle_last = now
-                self._idle_seen = self.down.rx + self.up.rx
+                self._idle_seen = self.rx_down() + self.rx_up()
                 self._idle = self.loop.call_at(now + idle / IDLE_TICKS, self._check_idle, idle)
             await self.done
         except BaseException:
@@ -410,9 +510,12 @@ class _Session:
             if self._idle is not None:
                 self._idle.cancel()
             live.discard(self)
+            self.filter.to_offload.discard(self)
             self.flush_bytes()
-            self.record.bytes_received = self.down.rx
-            self.record.bytes_sent = self.up.rx
+            self.record.bytes_received = self.rx_down()
+            self.record.bytes_sent = self.rx_up()
+            if self.pair is not None:
+                self._unpair()
 
     def _take_over_early(self) -> None:
         """The real downstream transport replaces the stand-in, in one step: send what it
@@ -436,9 +539,208 @@ class _Session:
             self.up.paused = False
             self.up.transport.resume_reading()
 
+    # ------------------------------------------------------------------ kernel relay
+
+    def try_offload(self, tries: int) -> None:
+        """Hand the relay to the kernel (BPF sockmap, :mod:`remora.proxy.bpf`) if nothing
+        user space holds could be overtaken or repeated: both write buffers empty, nothing
+        unread on either socket, no EOF yet, plain IPv4 sockets, not transparent (TPROXY).
+        Retried for a few loop iterations while a write buffer (the sniffed ``initial``
+        bytes, a server-first upstream's first bytes) drains or bytes are being read, then
+        once per tick while the connection lasts (a bulk sender keeps it in user space)."""
+        sp = self.filter.offload
+        down, up = self.down, self.up
+        self.filter.to_offload.discard(self)
+        if (sp is None or self.pair is not None or self.done.done() or down.lost or up.lost
+                or down.read_eof or up.read_eof or down.paused or up.paused):
+            return
+        dt, ut = down.transport, up.transport
+        if dt.is_closing() or ut.is_closing():
+            return
+        dsock = dt.get_extra_info("socket")
+        usock = ut.get_extra_info("socket")
+        if (dsock is None or usock is None or dsock.family != socket.AF_INET
+                or usock.family != socket.AF_INET or platform.is_transparent(dsock)):
+            return
+        try:
+            # The kernel relay takes whole skbs from the receive queue: one that user space
+            # has read part of would be sent again. With nothing unread, whatever arrives
+            # from now on is whole (user space reads nothing before the pairing below).
+            busy = (dt.get_write_buffer_size() or ut.get_write_buffer_size()
+                    or platform.unread_bytes(dsock) or platform.unread_bytes(usock))
+        except OSError:
+            return
+        if busy:
+            if tries > 1:
+                self.loop.call_soon(self.try_offload, tries - 1)
+            else:
+                self.filter.to_offload.add(self)
+                self.filter.start_ticker(self.loop)
+            return
+        try:
+            base = [platform.tcp_written(usock), platform.tcp_written(dsock)]
+            pair = sp.pair(dsock, usock, OFFLOAD_LIMIT)
+        except OSError as exc:
+            log.debug("[C%d] tcp offload not used: %s", self.record.cid, exc)
+            return
+        if pair is None:
+            return      # every slot in use
+        self.pair = pair
+        self._dsock, self._usock, self._base = dsock, usock, base
+        down.write = functools.partial(self._passed, 0)
+        up.write = functools.partial(self._passed, 1)
+        flt = self.filter
+        flt.stats.inc(flt.stat_offloaded)
+        flt.offloaded.add(self)
+        flt.start_ticker(self.loop)
+        # Stop reading: the loop would wake for every skb the kernel relays. EOF, resets and
+        # errors come through the filter's watch; a direction stopped at its limit, through
+        # the tick (refresh_limits).
+        self._fds = (dsock.fileno(), usock.fileno())
+        for half, fd in zip((down, up), self._fds, strict=True):
+            flt.watch(fd, half, self.loop)
+            half.transport.pause_reading()
+            # An skb that arrived between the unread check and the pairing waits for the next
+            # one (a request/response peer may send none): have the kernel run it now.
+            platform.peek_nowait(fd)
+
+    def unpark(self, half: _Half) -> None:
+        """Read ``half`` in user space again (its EOF, its error, or bytes the kernel passed
+        to user space)."""
+        if (not half.lost and not half.read_eof and not half.paused
+                and not half.transport.is_closing()
+                and self._state[half.DIR] != DRAINING):
+            half.transport.resume_reading()
+
+    def _pending(self, d: int) -> int:
+        """Bytes the kernel has redirected in direction ``d`` that the receiving socket has
+        not been handed yet (0 once that direction is back in user space)."""
+        pair = self.pair
+        if pair is None or self._state[d] == USER:
+            return 0
+        dst, sock = (self.up, self._usock) if d == 0 else (self.down, self._dsock)
+        if dst.lost or sock is None or dst.transport.is_closing():
+            return 0
+        try:
+            written = platform.tcp_written(sock) - self._base[d]
+        except OSError:
+            return 0
+        return max(0, pair.bytes(d) - written)
+
+    def _after_drain(self, d: int, action: Callable[[], None]) -> None:
+        """Run ``action`` once direction ``d``'s redirected bytes have reached the receiving
+        socket (EOF and close must not overtake them), in order with earlier actions."""
+        waiting = self._waiting[d]
+        if not waiting and self._pending(d) == 0:
+            action()
+            return
+        waiting.append(action)
+        if self._drain_polls[d] is None:
+            self._drain_polls[d] = (-1, self.loop.time())
+            self.loop.call_soon(self._poll_drain, d, 0)
+
+    def _poll_drain(self, d: int, polls: int) -> None:
+        pending = self._pending(d)
+        if pending and not self.done.done():
+            now = self.loop.time()
+            last, since = self._drain_polls[d] or (-1, now)
+            if pending != last:
+                self._drain_polls[d] = (pending, now)
+            elif now - since > DRAIN_STALL:
+                log.warning("[C%d] tcp offload: %d bytes not drained for %.0f s; going on",
+                            self.record.cid, pending, DRAIN_STALL)
+                pending = 0
+            if pending:
+                if polls < 3:
+                    self.loop.call_soon(self._poll_drain, d, polls + 1)
+                else:
+                    self.loop.call_later(0.001, self._poll_drain, d, polls + 1)
+                return
+        self._drain_polls[d] = None
+        waiting = self._waiting[d]
+        actions = waiting[:]
+        waiting.clear()     # an action may wait again (for bytes it lets through)
+        for action in actions:
+            action()
+
+    def _passed(self, d: int, data: bytes) -> None:
+        """The kernel gave direction ``d``'s bytes to user space (its limit was reached: the
+        receiver is slow). Hold them, stop reading, and once the redirected bytes have
+        reached the receiving socket, relay that direction in user space from then on
+        (with the usual flow control)."""
+        self._held[d].append(data)
+        if self._state[d] != KERNEL:
+            return
+        self._state[d] = DRAINING
+        src = self.down if d == 0 else self.up
+        if not src.lost and not src.transport.is_closing():
+            src.transport.pause_reading()
+        log.debug("[C%d] tcp offload: direction %d back to user space", self.record.cid, d)
+        self._after_drain(d, functools.partial(self._to_user, d))
+
+    def _to_user(self, d: int) -> None:
+        src = self.down if d == 0 else self.up
+        dst = src.peer
+        self._state[d] = USER
+        held = self._held[d]
+        if dst.lost or dst.transport.is_closing():
+            held.clear()
+            return
+        write = src.write = dst.transport.write
+        for chunk in held:
+            write(chunk)
+        held.clear()
+        if (not src.paused and not src.lost and not src.read_eof
+                and not src.transport.is_closing()):
+            src.transport.resume_reading()
+
+    def offload_eof(self, src: _Half) -> None:
+        """EOF from ``src`` while the kernel relays: pass it on once its bytes are through."""
+        peer = src.peer
+
+        def forward() -> None:
+            if not peer.lost and not peer.transport.is_closing():
+                peer.transport.write_eof()
+            if peer.read_eof:
+                self.close_both(last=src)
+        self._after_drain(src.DIR, forward)
+
+    def refresh_limits(self) -> None:
+        """Per tick: let each kernel direction run OFFLOAD_LIMIT bytes past what its
+        receiving socket has been handed (checked only when half its room is used)."""
+        pair = self.pair
+        if pair is None:
+            return
+        for d in (0, 1):
+            if self._state[d] == KERNEL and pair.stopped(d):
+                self.unpark(self.down if d == 0 else self.up)   # read what it passed us
+                continue
+            if self._state[d] != KERNEL or pair.limit(d) - pair.bytes(d) >= OFFLOAD_LIMIT // 2:
+                continue
+            sock = self._usock if d == 0 else self._dsock
+            if sock is None:
+                continue
+            try:
+                written = platform.tcp_written(sock) - self._base[d]
+            except OSError:
+                continue
+            pair.set_limit(d, max(written, 0) + OFFLOAD_LIMIT)
+
+    def _unpair(self) -> None:
+        pair, sp = self.pair, self.filter.offload
+        if pair is None or sp is None:
+            return
+        self.down.rx += pair.bytes(0)
+        self.up.rx += pair.bytes(1)
+        self.pair = None
+        self.filter.offloaded.discard(self)
+        for half, fd in zip((self.down, self.up), self._fds, strict=True):
+            self.filter.unwatch(fd, half)
+        sp.release(pair)
+
     def _check_idle(self, idle: float) -> None:
         now = self.loop.time()
-        seen = self.down.rx + self.up.rx
+        seen = self.rx_down() + self.rx_up()
         if seen != self._idle_seen:   # bytes moved since the last tick: active until now
             self._idle_seen = seen
             self._idle_last = now
@@ -453,12 +755,16 @@ class _Session:
         log.debug("[C%d] tcp_proxy idle timeout", self.record.cid)
         self.abort()
 
-    def close_both(self, last: _Half) -> None:
+    def close_both(self, last: _Half, *, drained: bool = False) -> None:
         """Both directions have ended (``last`` sent the second EOF): close, flushing what is
         buffered. The upstream connection counts as closed by the remote if its EOF ended
         the exchange."""
         if last is self.down:
             self.upstream_closed_locally = True
+        if self.pair is not None and not drained:
+            self._after_drain(0, lambda: self._after_drain(
+                1, lambda: self.close_both(last, drained=True)))
+            return
         for half in (self.up, self.down):
             if not half.lost:
                 half.transport.close()
@@ -479,10 +785,15 @@ class _Session:
             if self.host is not None:
                 self.cluster.disconnected(self.host, local=self.upstream_closed_locally)
         if not peer.lost:
-            # Envoy closes the other side with FlushWrite: what it already has still goes out.
+            # Envoy closes the other side with FlushWrite: what it already has still goes out
+            # (with the kernel relay: once the bytes it redirected have reached that socket).
             if peer is self.up:
                 self.upstream_closed_locally = True
-            peer.transport.close()
+            if self.pair is not None:
+                self._after_drain(half.DIR, lambda: None if peer.lost
+                                  else peer.transport.close())
+            else:
+                peer.transport.close()
         elif not self.done.done():
             self._finish()
 

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from remora.errors import EnvironmentFault
+from remora.proxy import bpf, platform
 from remora.proxy import control as ctl
-from remora.proxy import platform
 from remora.proxy.model import Snapshot, SocketAddress
 from remora.proxy.server import Worker
 from remora.proxy.state import ClusterStatus, HostStatus, ServerState
@@ -60,6 +60,7 @@ class WorkerSpec:
     uid: int
     gid: int
     loop_factory: LoopFactory
+    tcp_offload: str = "auto"
 
 
 def _line(obj: dict[str, Any]) -> bytes:
@@ -149,7 +150,8 @@ async def _child_async(worker: Worker, chan: socket.socket) -> int:
 
 def _child(spec: WorkerSpec, index: int, chan: socket.socket) -> int:
     worker = Worker(spec.snapshot, drain_time=spec.drain_time, index=index,
-                    concurrency=spec.concurrency, rng=random.Random())
+                    concurrency=spec.concurrency, rng=random.Random(),
+                    offload=bpf.try_load(spec.tcp_offload))
     try:
         worker.bind()
     except OSError as exc:
