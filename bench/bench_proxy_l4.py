@@ -422,7 +422,7 @@ class Target:
 
 
 class Bench:
-    def __init__(self, tmp: Path, tcp_offload: str = "auto") -> None:
+    def __init__(self, tmp: Path, tcp_offload: str = "off") -> None:
         tag = f"{os.getpid()}-{secrets.token_hex(2)}"
         self.tmp = tmp
         self.tcp_offload = tcp_offload
@@ -818,7 +818,7 @@ def main() -> None:
                         help="measurement rounds over all targets (medians are printed)")
     parser.add_argument("--latency-client", nargs=6, help=argparse.SUPPRESS,
                         metavar=("HOST", "PORT", "RATE", "SECONDS", "WARMUP", "CONNS"))
-    parser.add_argument("--tcp-offload", choices=("auto", "off"), default="auto",
+    parser.add_argument("--tcp-offload", choices=("auto", "off"), default="off",
                         help="remora's kernel relay (BPF sockmap); off: relay in user space")
     args = parser.parse_args()
     if args.latency_client:

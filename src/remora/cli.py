@@ -146,9 +146,10 @@ def cmd_proxy(argv: Sequence[str]) -> int:
                    help="how long open connections may finish on shutdown (Envoy: 600)")
     p.add_argument("-l", "--log-level", default="info", choices=sorted(LEVELS),
                    type=str.lower)
-    p.add_argument("--tcp-offload", choices=("auto", "off"), default="auto",
+    p.add_argument("--tcp-offload", choices=("auto", "off"), default="off",
                    help="relay plain tcp_proxy connections in the kernel with a BPF sockmap "
-                   "(auto: when it can be loaded; default auto)")
+                   "(auto: when it can be loaded; default off: less proxy CPU, but more "
+                   "latency per request on a busy machine)")
     p.add_argument("--base-id", type=int, default=0, help="accepted and ignored (no hot "
                    "restart)")
     ns = p.parse_args(list(argv))

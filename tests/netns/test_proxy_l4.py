@@ -372,9 +372,12 @@ def test_killing_the_upstream_mid_stream_closes_the_downstream(env: Env) -> None
                 client.kill()
 
 
-def test_a_slow_reader_does_not_grow_the_proxy_memory(env: Env) -> None:
+@pytest.mark.parametrize("offload", ["off", "auto"])
+def test_a_slow_reader_does_not_grow_the_proxy_memory(env: Env, offload: str) -> None:
+    """Both relays: user space pauses reading; the kernel relay hands a direction back to
+    user space once its receiver is 1 MiB behind (else the kernel would queue without bound)."""
     total = 200 * 1024 * 1024
-    with env.proxy() as p:
+    with env.proxy("ALLOW_ANY", "--tcp-offload", offload) as p:
         baseline = p.rss_kb()
         server = Tool(env.peer, "serve", "--listen", f"{OUTSIDE}:9200", "--bytes", str(total))
         client: Tool | None = None
@@ -423,10 +426,10 @@ def _echo_session(env: Env, port: int, *ping: str) -> tuple[dict[str, Any], dict
 
 
 def test_plain_tcp_is_relayed_by_the_kernel_after_dropping_to_1337(env: Env) -> None:
-    """--tcp-offload auto (the default): the BPF sockmap is loaded as root, then used by the
-    uid-1337 worker for plain IPv4 tcp_proxy connections; the client's half-close reaches the
-    server and the reply still comes back; the byte counters are exact. off: user space."""
-    with env.proxy() as p:
+    """--tcp-offload auto: the BPF sockmap is loaded as root, then used by the uid-1337 worker
+    for plain IPv4 tcp_proxy connections; the client's half-close reaches the server and the
+    reply still comes back; the byte counters are exact. off (the default): user space."""
+    with env.proxy("ALLOW_ANY", "--tcp-offload", "auto") as p:
         assert any("tcp offload on" in line for line in p.lines), p.lines
         seen, served = _echo_session(env, 9400, "--rounds", "20")
         assert seen == {"rounds": 20, "end": "bye 2000"}, seen
@@ -436,7 +439,7 @@ def test_plain_tcp_is_relayed_by_the_kernel_after_dropping_to_1337(env: Env) -> 
         assert stats["tcp.PassthroughCluster.downstream_cx_rx_bytes_total"] == 2000
         assert stats["tcp.PassthroughCluster.downstream_cx_tx_bytes_total"] == 2008
         assert stats["cluster.PassthroughCluster.upstream_cx_rx_bytes_total"] == 2008
-    with env.proxy("ALLOW_ANY", "--tcp-offload", "off") as p:
+    with env.proxy() as p:
         assert any("tcp offload off" in line for line in p.lines), p.lines
         seen, served = _echo_session(env, 9401, "--rounds", "3")
         assert seen == {"rounds": 3, "end": "bye 300"}, seen
@@ -448,12 +451,12 @@ def test_plain_tcp_is_relayed_by_the_kernel_after_dropping_to_1337(env: Env) -> 
 def test_kernel_relayed_reset_and_idle_timeout(env: Env) -> None:
     """With the kernel relaying: a client's reset closes the upstream; an idle connection is
     closed by idle_timeout (1 s here) although no byte went through user space."""
-    with env.proxy() as p:
+    with env.proxy("ALLOW_ANY", "--tcp-offload", "auto") as p:
         seen, served = _echo_session(env, 9402, "--rounds", "5", "--reset")
         assert seen == {"rounds": 5, "end": "reset sent"}, seen
         assert served["bytes"] == 500 and served["end"] in ("eof", "reset"), served
         assert env.stats()["tcp.PassthroughCluster.offloaded"] == 1
-    with env.proxy("IDLE") as p:
+    with env.proxy("IDLE", "--tcp-offload", "auto") as p:
         seen, served = _echo_session(env, 9403, "--rounds", "5", "--hold", "10")
         assert seen["end"] == "eof" and 0.9 <= seen["after"] < 3, seen
         assert served["bytes"] == 500, served

@@ -54,7 +54,7 @@ class ProxyOptions:
     drain_time_s: float = 600.0
     log_level: str = "info"
     base_id: int = 0
-    tcp_offload: str = "auto"      # auto | off (remora.proxy.bpf)
+    tcp_offload: str = "off"       # auto | off (remora.proxy.bpf)
 
 
 def command_line_options(opts: ProxyOptions) -> dict[str, object]:
