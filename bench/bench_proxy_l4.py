@@ -89,10 +89,13 @@ CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
 STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 CAPTURE_FLAGS = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*",
                  "-x", "", "-b", "*", "-d", "15090,15021,15020"]
+# nginx on the capture path: the same rules, with nginx's worker (nobody) as the proxy's uid.
+NGINX_CAPTURE_FLAGS = [*CAPTURE_FLAGS[:4], "-u", "65534", *CAPTURE_FLAGS[6:]]
 
 # Addresses (inside the namespaces made here, never on the host).
 CLIENT_IP, PEER_C_IP = "10.231.1.1", "10.231.1.2"          # client ns ↔ peer ns
 POD_IP, PEER_P_IPS = "10.231.2.1", ("10.231.2.2", "10.231.2.3")  # pod ns ↔ peer ns (2 endpoints)
+POD2_IP, PEER_P2_IP = "10.231.3.1", "10.231.3.2"           # nginx's pod ns ↔ peer ns
 SERVICE_IP = "10.100.0.7"                                  # the captured service VIP
 HTTP_PORT, IPERF_PORT = 8080, 5201
 LISTEN = {"nginx stream": (18080, 15201), "haproxy tcp": (28080, 25201),
@@ -106,8 +109,9 @@ CLOSE_SECONDS = 2       # Connection: close runs (short: every request leaves a 
 IPERF_SECONDS, IPERF_OMIT_SECONDS = 2, 1
 RATE, RATE_SECONDS, RATE_WARMUP_SECONDS, RATE_CONNECTIONS = 1000, 4.0, 1.0, 10
 
-TARGET_ORDER = ("direct", "nginx stream", "haproxy tcp", "remora static", "remora capture")
-REFERENCES = ("nginx stream", "haproxy tcp")
+TARGET_ORDER = ("direct", "nginx stream", "haproxy tcp", "nginx capture", "remora static",
+                "remora capture")
+REFERENCES = ("nginx stream", "haproxy tcp", "nginx capture")
 REMORAS = ("remora static", "remora capture")
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -328,6 +332,24 @@ stream {{
 """
 
 
+def nginx_capture_conf(tmp: Path) -> str:
+    """nginx stream as a sidecar would sit: on 15001 in a pod namespace with Istio's capture
+    rules. It cannot read SO_ORIGINAL_DST, so it sends everything to the one upstream (all
+    this benchmark's captured traffic goes there anyway); iperf3 is not measured through it."""
+    return f"""
+load_module {STREAM_MODULE};
+user nobody nogroup;
+worker_processes 1;
+daemon off;
+pid {tmp}/capture.pid;
+error_log {tmp}/capture-error.log warn;
+events {{ worker_connections 4096; }}
+stream {{
+    server {{ listen 15001 backlog=4096; proxy_pass {PEER_P2_IP}:{HTTP_PORT}; }}
+}}
+"""
+
+
 def haproxy_conf() -> str:
     http, iperf = LISTEN["haproxy tcp"]
     return f"""
@@ -426,21 +448,23 @@ class Bench:
         tag = f"{os.getpid()}-{secrets.token_hex(2)}"
         self.tmp = tmp
         self.tcp_offload = tcp_offload
-        self.client, self.pod, self.peer = (f"rmb-{k}-{tag}" for k in ("cli", "pod", "peer"))
+        self.client, self.pod, self.peer, self.pod2 = (
+            f"rmb-{k}-{tag}" for k in ("cli", "pod", "peer", "pod2"))
         self.namespaces: list[str] = []
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     # -------------------------------------------------------------- network and processes
 
     def make_network(self) -> None:
-        for ns in (self.client, self.pod, self.peer):
+        for ns in (self.client, self.pod, self.peer, self.pod2):
             run(["ip", "netns", "add", ns])
             self.namespaces.append(ns)
             run(["ip", "-n", ns, "link", "set", "lo", "up"])
         # veth pairs made directly inside the namespaces: nothing appears on the host.
         for ns, mine, theirs, my_ip, their_ips in (
                 (self.client, "c0", "pc", CLIENT_IP, (PEER_C_IP,)),
-                (self.pod, "p0", "pp", POD_IP, PEER_P_IPS)):
+                (self.pod, "p0", "pp", POD_IP, PEER_P_IPS),
+                (self.pod2, "q0", "pq", POD2_IP, (PEER_P2_IP,))):
             run(["ip", "link", "add", "name", mine, "netns", ns, "type", "veth", "peer",
                  "name", theirs, "netns", self.peer])
             run(["ip", "-n", ns, "addr", "add", f"{my_ip}/24", "dev", mine])
@@ -520,6 +544,7 @@ class Bench:
         (tmp / "upstream.conf").write_text(nginx_upstream_conf(tmp))
         (tmp / "stream.conf").write_text(nginx_stream_conf(tmp))
         (tmp / "haproxy.cfg").write_text(haproxy_conf())
+        (tmp / "capture.conf").write_text(nginx_capture_conf(tmp))
         (tmp / "remora-static.yaml").write_text(yaml.safe_dump(remora_static_conf()))
         (tmp / "remora-istio.yaml").write_text(yaml.safe_dump(remora_istio_conf()))
 
@@ -557,6 +582,13 @@ class Bench:
         self.wait_ready("remora capture", proc, self.pod)
         targets["remora capture"] = Target("remora capture", self.pod, (SERVICE_IP, HTTP_PORT),
                                            (SERVICE_IP, IPERF_PORT), pid=proc.pid)
+        # The same path with nginx stream as the sidecar (fixed upstream, see its config).
+        run(in_ns(self.pod2, [REMORA, "iptables", *NGINX_CAPTURE_FLAGS]), timeout=60)
+        proc = self.spawn("nginx capture", self.pod2,
+                          ["nginx", "-p", str(tmp), "-c", str(tmp / "capture.conf")])
+        self.wait_port("nginx capture", proc, self.pod2, SERVICE_IP, HTTP_PORT)
+        targets["nginx capture"] = Target("nginx capture", self.pod2, (SERVICE_IP, HTTP_PORT),
+                                          ("", 0), pid=proc.pid)
 
         time.sleep(1.0)  # settle, then idle RSS (before any traffic)
         for t in targets.values():
@@ -600,6 +632,8 @@ class Bench:
 
     def iperf(self, t: Target) -> None:
         host, port = t.iperf
+        if not port:
+            return      # not measured through this target
         res = run(in_ns(t.ns, ["iperf3", "-c", host, "-p", str(port), "-t", str(IPERF_SECONDS),
                                "-O", str(IPERF_OMIT_SECONDS), "-J", "--connect-timeout",
                                "5000"]), timeout=IPERF_SECONDS + IPERF_OMIT_SECONDS + 30,
@@ -781,6 +815,7 @@ def report(targets: dict[str, Target], rounds: int, load_before: float,
                           f"RSS idle {ratio(a['rss_idle'], b['rss_idle'])}"]
             print(f"    {rm:<15} vs {ref:<13} " + ", ".join(parts))
     cap, st, ng = rows["remora capture"], rows["remora static"], rows["nginx stream"]
+    ngc = rows["nginx capture"]
     print(f"    remora capture vs remora static: rps {ratio(cap['rps'], st['rps'])}, conn/s "
           f"{ratio(cap['cps'], st['cps'])}, Gbit/s {ratio(cap['gbps'], st['gbps'])}, +p50 "
           f"{ratio(cap['add50'], st['add50'])}, cpu@1k {ratio(cap['cpu'], st['cpu'])}")
@@ -789,6 +824,10 @@ def report(targets: dict[str, Target], rounds: int, load_before: float,
     print(f"    rps >= 1.0x nginx stream:          {ratio(cap['rps'], ng['rps']):>6} "
           f"{verdict(at_least(cap['rps'], ng['rps']))}  [{ratio(st['rps'], ng['rps'])} "
           f"{verdict(at_least(st['rps'], ng['rps']))}]")
+    print(f"      the same hop (capture → proxy → upstream), nginx stream as the sidecar: "
+          f"{ratio(cap['rps'], ngc['rps'])} {verdict(at_least(cap['rps'], ngc['rps']))}; "
+          f"added p50 {fmt(cap['add50'], '.1f')} vs {fmt(ngc['add50'], '.1f')} µs "
+          f"{verdict(at_most(cap['add50'], ngc['add50']))}")
     print(f"    throughput >= 1.0x nginx stream:   {ratio(cap['gbps'], ng['gbps']):>6} "
           f"{verdict(at_least(cap['gbps'], ng['gbps']))}  [{ratio(st['gbps'], ng['gbps'])} "
           f"{verdict(at_least(st['gbps'], ng['gbps']))}]")
