@@ -255,7 +255,27 @@ _NO_REQUEST: Final = _Request("GET", False, False, False, "", False)
 # ============================================================================= server side
 
 
-class H1ServerCodec:
+class _Output:
+    """What both HTTP/1 codecs do alike: output accumulates in ``_out`` until taken, and
+    there is no per-stream flow control (TCP's is the only one)."""
+
+    _out: list[bytes]
+
+    def consumed(self, stream: int, n: int) -> None:
+        pass
+
+    def buffered(self, stream: int) -> int:
+        return 0
+
+    def data_to_send(self) -> bytes:
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        return b"".join(out)
+
+
+class H1ServerCodec(_Output):
     """The downstream side of one HTTP/1.x connection (see the module docstring for the
     caller's contract: :meth:`resume`, EOF, upgrades)."""
 
@@ -776,19 +796,6 @@ class H1ServerCodec:
         self._must_close = True
         self._tx_mode = _NONE
 
-    def consumed(self, stream: int, n: int) -> None:
-        pass
-
-    def buffered(self, stream: int) -> int:
-        return 0
-
-    def data_to_send(self) -> bytes:
-        out = self._out
-        if not out:
-            return b""
-        self._out = []
-        return b"".join(out)
-
     @property
     def keep_alive(self) -> bool:
         if self._closes_at(self._served) or self._up_state in (_UP_TUNNEL, _UP_H2C):
@@ -803,7 +810,7 @@ class H1ServerCodec:
 # ============================================================================= client side
 
 
-class H1ClientCodec:
+class H1ClientCodec(_Output):
     """The upstream side of one HTTP/1.1 connection: one request at a time (no pipelining,
     like Envoy's HTTP/1 connection pool)."""
 
@@ -1182,19 +1189,6 @@ class H1ClientCodec:
     def reset(self, stream: int) -> None:
         self._reusable = False
         self._dead = True
-
-    def consumed(self, stream: int, n: int) -> None:
-        pass
-
-    def buffered(self, stream: int) -> int:
-        return 0
-
-    def data_to_send(self) -> bytes:
-        out = self._out
-        if not out:
-            return b""
-        self._out = []
-        return b"".join(out)
 
     @property
     def can_open(self) -> bool:
