@@ -259,6 +259,7 @@ class _Output:
     """What both HTTP/1 codecs do alike: output accumulates in ``_out`` until taken, and
     there is no per-stream flow control (TCP's is the only one)."""
 
+    __slots__ = ()
     _out: list[bytes]
 
     def consumed(self, stream: int, n: int) -> None:
