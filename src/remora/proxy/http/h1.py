@@ -259,7 +259,7 @@ class _Output:
     """What both HTTP/1 codecs do alike: output accumulates in ``_out`` until taken, and
     there is no per-stream flow control (TCP's is the only one)."""
 
-    __slots__ = ()
+    __slots__ = ("_out",)
     _out: list[bytes]
 
     def consumed(self, stream: int, n: int) -> None:
@@ -299,7 +299,6 @@ class H1ServerCodec(_Output):
         "_max_count",
         "_max_size",
         "_must_close",
-        "_out",
         "_parser",
         "_queue",
         "_requests",
@@ -835,7 +834,6 @@ class H1ClientCodec(_Output):
         "_max_size",
         "_msg_done",
         "_next_id",
-        "_out",
         "_parser",
         "_partial",
         "_reason",
