@@ -357,6 +357,8 @@ class _Downstream(asyncio.Protocol):
         self.read_paused = False
         self.closing = False
         self.h1 = True
+        self.requests = 0
+        self._duration_timer: asyncio.TimerHandle | None = None
         cfg_idle = hcm.config.idle_timeout
         self.idle = Deadline(loop, cfg_idle, self._idle_expired) if cfg_idle else None
         self._sweep: asyncio.TimerHandle | None = None    # stream idle timeouts
@@ -368,6 +370,9 @@ class _Downstream(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses; same interface.
         self.transport = typing.cast(asyncio.Transport, transport)
         self.hcm.ctx.connections.add(self)
+        if self.hcm.config.max_connection_duration:
+            self._duration_timer = self.loop.call_later(
+                self.hcm.config.max_connection_duration, self._max_duration)
         self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
@@ -495,6 +500,12 @@ class _Downstream(asyncio.Protocol):
         self._cancel_idle()
         if ev.upgrade == "h2c" and self.h1 and self._upgrade_h2c(ev):
             return
+        self.requests += 1
+        limit = self.hcm.config.max_requests_per_connection
+        if limit and self.requests >= limit:
+            # Envoy: the connection's last request; it closes after this response (HTTP/1
+            # ``connection: close``, HTTP/2 GOAWAY).
+            self.wind_down()
         s = _Stream(self, ev)
         self.streams[ev.stream] = s
         s.start()
@@ -603,10 +614,19 @@ class _Downstream(asyncio.Protocol):
         if not self.streams:
             self.close()
             return
+        self.wind_down()
+
+    def wind_down(self) -> None:
+        """Serve what is in flight, then close: no new requests on this connection."""
         self.closing_after_streams = True
         if not self.h1 and self.codec is not None:
             self.codec.close()          # GOAWAY: streams in flight finish, no new ones
             self.flush()
+
+    def _max_duration(self) -> None:
+        """``max_connection_duration``: the connection drains, as at a listener drain."""
+        self._duration_timer = None
+        self.drain()
 
     def pause_reading(self) -> None:
         if not self.read_paused and self.transport is not None and not self.closing:
@@ -693,6 +713,9 @@ class _Downstream(asyncio.Protocol):
         self.close()
 
     def _cancel_timers(self) -> None:
+        if self._duration_timer is not None:
+            self._duration_timer.cancel()
+            self._duration_timer = None
         if self.idle is not None:
             self.idle.cancel()
         if self._sweep is not None:

@@ -1492,3 +1492,28 @@ async def test_http2_goaway_streams_above_last_are_retried() -> None:
     r = await env.client().request()
     assert r.status == 200 and calls == ["goaway", "ok"]
     await env.close()
+
+
+@run
+async def test_max_requests_per_connection_closes_after_the_last_one() -> None:
+    """``common_http_protocol_options.max_requests_per_connection``: the N-th response says
+    ``connection: close`` and the connection ends; earlier ones keep it alive."""
+    env = make_env(common_http_protocol_options={"max_requests_per_connection": 2})
+    c = env.client()
+    first = await c.request()
+    assert first.status == 200 and first.get("connection") is None
+    second = await c.request()
+    assert second.status == 200 and second.get("connection") == "close"
+    await c.closed()
+    await env.close()
+
+
+@run
+async def test_max_connection_duration_closes_an_idle_connection() -> None:
+    """``max_connection_duration``: when it expires the connection drains (closed now if
+    idle)."""
+    env = make_env(common_http_protocol_options={"max_connection_duration": "0.05s"})
+    c = env.client()
+    assert (await c.request()).status == 200
+    await c.closed()
+    await env.close()
