@@ -81,9 +81,10 @@ def compile_tracing(msg: Any, path: str) -> TracingConfig | None:
     if cfg.collector_endpoint_version not in (0, 1):   # DEPRECATED_AND_UNAVAILABLE, HTTP_JSON
         raise BadInput(f"unsupported {where}.typed_config.collector_endpoint_version: only "
                        "HTTP_JSON is implemented")
-    for name in ("split_spans_for_request", "collector_service"):
-        if cfg.HasField(name) if name == "collector_service" else getattr(cfg, name):
-            raise BadInput(f"unsupported field {where}.typed_config.{name}")
+    unsupported = [f.name for f, _ in cfg.ListFields()
+                   if f.name in ("split_spans_for_request", "collector_service")]
+    if unsupported:
+        raise BadInput(f"unsupported field {where}.typed_config.{unsupported[0]}")
 
     def pct(field: str) -> float:
         return float(getattr(msg, field).value) if msg.HasField(field) else 100.0
