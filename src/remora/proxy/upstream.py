@@ -27,6 +27,8 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from mypy_extensions import mypyc_attr
+
 from remora.proxy import platform
 from remora.proxy.lb import LoadBalancer, make_lb
 from remora.proxy.model import Cluster, LbEndpoint, SocketAddress
@@ -138,6 +140,7 @@ def select_family(policy: str, found: Sequence[tuple[int, str]]) -> list[str]:
     return v6 or v4
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)   # the tests' FakeCluster
 class UpstreamCluster:
     """A cluster's runtime in one worker."""
 

@@ -546,6 +546,12 @@ class H1ServerCodec(_Output):
         del q[:n]
         return out
 
+    def _pending_abort(self) -> tuple[int, str] | None:
+        """What a parser callback set during ``feed_data``. Read through a call: after
+        ``self._abort = None`` above it, a plain read is narrowed to None by the type checker,
+        and the compiled module (remora.native) would trust that."""
+        return self._abort
+
     def _fail(self, status: int, details: str) -> None:
         if self._bparts:
             self._flush_body()
@@ -568,7 +574,7 @@ class H1ServerCodec(_Output):
             self._wait_input(data[cast(int, exc.args[0]):])
             return
         except httptools.HttpParserError as exc:
-            abort = self._abort
+            abort = self._pending_abort()
             if abort is None and isinstance(exc, httptools.HttpParserCallbackError):
                 raise                       # a bug in a callback, not the peer's fault
             if self._closing:               # bytes after Connection: close are ignored
@@ -1091,6 +1097,12 @@ class H1ClientCodec(_Output):
 
     # ------------------------------------------------------------------ receiving
 
+    def _pending_abort(self) -> str | None:
+        """What a parser callback set during ``feed_data``. Read through a call: after
+        ``self._abort = None`` above it, a plain read is narrowed to None by the type checker,
+        and the compiled module (remora.native) would trust that."""
+        return self._abort
+
     def _fail(self, details: str) -> None:
         self._flush_body()
         self._events.append(ProtocolError(0, details, self._stream))
@@ -1109,7 +1121,7 @@ class H1ClientCodec(_Output):
                 self._events.append(Body(self._stream, rest))
             return
         except httptools.HttpParserError as exc:
-            abort = self._abort
+            abort = self._pending_abort()
             if abort is None and isinstance(exc, httptools.HttpParserCallbackError):
                 raise                       # a bug in a callback, not the peer's fault
             self._fail(abort or (UPSTREAM_PROTOCOL_ERROR_AFTER if self._resp_started

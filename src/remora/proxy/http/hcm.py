@@ -31,6 +31,8 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from remora.proxy.http import accesslog, telemetry, tracing
 from remora.proxy.http import routes as rt
 from remora.proxy.http.pool import ClusterHttpState, Flusher, UpstreamConnection
@@ -233,6 +235,7 @@ class HttpContext:
         self.writers.close()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)   # the tests' RecordingHcm
 class HttpConnectionManager:
     """One configured HCM (per filter chain, per worker)."""
 
@@ -1622,6 +1625,34 @@ class _Router:
             s._reset_downstream()
 
 
+class _MirrorSink:
+    """Receives a mirrored request's answer, and drops it."""
+
+    def __init__(self, conn: UpstreamConnection, done: asyncio.Future[None]) -> None:
+        self.conn = conn
+        self.done = done
+        self.sid = 0
+
+    def on_informational(self, head: ResponseHead) -> None: ...
+
+    def on_headers(self, head: ResponseHead, end_stream: bool) -> None:
+        if end_stream and not self.done.done():
+            self.done.set_result(None)
+
+    def on_body(self, data: bytes) -> None:
+        self.conn.consumed(self.sid, len(data))
+
+    def on_end(self, trailers: HeaderMap | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def on_reset(self, reason: str, *, refused: bool) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def on_upstream_writable(self, writable: bool) -> None: ...
+
+
 async def _shadow_request(hcm: HttpConnectionManager, cluster: UpstreamCluster,
                           head: RequestHead, stream: _Stream) -> None:
     """Request mirroring: the same request to another cluster; the answer is dropped."""
@@ -1640,28 +1671,9 @@ async def _shadow_request(hcm: HttpConnectionManager, cluster: UpstreamCluster,
     conn = await state.pool(host, proto).acquire()
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    class _Sink:
-        def on_informational(self, head: ResponseHead) -> None: ...
-
-        def on_headers(self, head: ResponseHead, end_stream: bool) -> None:
-            if end_stream and not done.done():
-                done.set_result(None)
-
-        def on_body(self, data: bytes) -> None:
-            conn.consumed(sid, len(data))
-
-        def on_end(self, trailers: HeaderMap | None) -> None:
-            if not done.done():
-                done.set_result(None)
-
-        def on_reset(self, reason: str, *, refused: bool) -> None:
-            if not done.done():
-                done.set_result(None)
-
-        def on_upstream_writable(self, writable: bool) -> None: ...
-
     body = list(stream.body)
-    sid = conn.open_stream(_Sink(), head, not body)
+    sink = _MirrorSink(conn, done)
+    sid = sink.sid = conn.open_stream(sink, head, not body)
     for chunk in body:
         conn.send_body(sid, chunk)
     if body:

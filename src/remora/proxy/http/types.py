@@ -33,7 +33,7 @@ class HeaderMap:
     @classmethod
     def trusted(cls, items: list[tuple[str, str]]) -> HeaderMap:
         """Adopt ``items`` as is (names already lower-case): the codecs' fast path."""
-        h = cls.__new__(cls)
+        h = cls()
         h._items = items
         return h
 

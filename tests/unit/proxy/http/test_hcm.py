@@ -1028,13 +1028,15 @@ async def test_http2_downstream_window_pauses_upstream_until_writable() -> None:
         return proxy_side.paused
     assert await settle(window_closed), "upstream not paused by the closed HTTP/2 window"
     assert sum(len(b) for b in h.bodies.values()) < size
-    conn = env.clients[0].conn
-    orig = conn._dispatch
+    codec = env.clients[0].conn.codec
+    assert codec is not None
+    orig = codec.receive
 
-    def spy(events: list[Any]) -> None:
+    def spy(data: bytes) -> list[Any]:
+        events = orig(data)
         writable.extend(e.stream for e in events if isinstance(e, Writable))
-        orig(events)
-    conn._dispatch = spy  # type: ignore[method-assign]
+        return events
+    codec.receive = spy  # type: ignore[method-assign]
     h.give_back()
     _, body, _ = await h.response(sid)
     assert len(body) == size
