@@ -2,6 +2,10 @@
 
 With ``REMORA_REQUIRE_PRIVILEGED=1`` (set by ``.ci/run``), a test marked ``privileged`` that
 skips is reported as a failure, and a session in which no privileged test passed fails.
+
+Compiled modules (:mod:`remora.native`): a session does not start when one is older than its
+source (the tests would run the old code); with ``REMORA_REQUIRE_NATIVE=1`` (``.ci/run``) it
+does not start unless every one is compiled.
 """
 
 from __future__ import annotations
@@ -11,8 +15,18 @@ from collections.abc import Generator
 
 import pytest
 
+from remora import native
+
 REQUIRED = os.environ.get("REMORA_REQUIRE_PRIVILEGED") == "1"
+REQUIRE_NATIVE = os.environ.get("REMORA_REQUIRE_NATIVE") == "1"
 _passed_privileged = 0
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    st = native.status()
+    if st.stale or (REQUIRE_NATIVE and st.missing):
+        pytest.exit(f"{st.summary} (REMORA_REQUIRE_NATIVE=1)" if not st.stale else st.summary,
+                    returncode=1)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from remora import native
 from remora.errors import EnvironmentFault
 from remora.proxy import bpf, platform, workers
 from remora.proxy import control as ctl
@@ -139,6 +140,8 @@ def run_proxy(opts: ProxyOptions) -> int:
     """Run until SIGTERM/SIGINT or ``/quitquitquit``. Raises BadInput for a bad bootstrap,
     EnvironmentFault when a socket cannot be bound."""
     snapshot = load_bootstrap(opts.config_path)
+    hot = native.status()
+    (log.warning if hot.stale else log.info)("hot path: %s", hot.summary)
     start = admin_starter()
     preload()
     factory = loop_factory()
