@@ -47,7 +47,7 @@ def group_libraries() -> list[Path]:
     return sorted(SRC.glob("*__mypyc*" + sysconfig.get_config_var("EXT_SUFFIX")))
 
 
-def clean() -> int:
+def clean(quiet: bool = False) -> int:
     removed = 0
     for module in native.MODULES:
         so = native.compiled(module)
@@ -58,7 +58,8 @@ def clean() -> int:
     for lib in group_libraries():
         lib.unlink()
         removed += 1
-    print(f"removed {removed} compiled file(s): the hot-path modules run interpreted")
+    if not quiet:
+        print(f"removed {removed} compiled file(s): the hot-path modules run interpreted")
     return 0
 
 
@@ -71,7 +72,7 @@ def build() -> int:
         print(f"Error: no Python.h in {include} (Debian: apt install python3-dev)",
               file=sys.stderr)
         return 1
-    clean()
+    clean(quiet=True)
     BUILD.mkdir(parents=True, exist_ok=True)
     paths = [str(native.source(m).relative_to(SRC)) for m in native.MODULES]
     print(f"compiling {len(paths)} modules with mypyc (about a minute per core)...",
@@ -82,7 +83,7 @@ def build() -> int:
                               cwd=SRC, stdout=out, stderr=subprocess.STDOUT, check=False,
                               env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     if proc.returncode != 0:
-        clean()
+        clean(quiet=True)
         tail = log.read_text(errors="replace").splitlines()[-15:]
         print("\n".join(tail), file=sys.stderr)
         print(f"Error: mypyc build failed (full log: {log}); nothing compiled is left in "
