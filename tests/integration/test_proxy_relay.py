@@ -12,18 +12,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import random
 import signal
 import socket
 import ssl
 import struct
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import uvloop
 
-from remora.proxy import bpf
+from remora.proxy import bpf, tcp
 from remora.proxy.bootstrap import compile_bootstrap, parse_bootstrap
 from remora.proxy.model import Snapshot
 from remora.proxy.server import Worker
@@ -43,6 +47,7 @@ INSPECTORS = {
                       "HttpInspector",
 }
 LO = "127.0.0.1"
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -232,6 +237,44 @@ def test_echo_counts_bytes_and_connections(run: Callable[..., None], relay: str)
     run(main())
 
 
+def relay_cycle_count(loop: str) -> int:
+    """Relay ten connections with the cycle collector off, then count the relay objects
+    (sessions, sides) that still exist once every connection is closed: with the collector
+    off, whatever reference cycles keep alive is still in gc.get_objects()."""
+    async def main() -> int:
+        async with upstream(echo) as up, proxy(snapshot([listener(tcp_chain("c"))],
+                                                        [cluster("c", up)])) as w:
+            gc.collect()
+            gc.disable()
+            for i in range(1, 11):
+                r, wr = await asyncio.open_connection(LO, port(w))
+                wr.write(b"hello")
+                assert await r.readexactly(5) == b"hello"
+                wr.close()
+                await wr.wait_closed()
+                # counted once the relay's run() has returned (its finally unlinks them)
+                await until(lambda i=i: stat(
+                    w, "listener.127.0.0.1_0.downstream_cx_destroy") == i)
+            return sum(isinstance(o, tcp._Session | tcp._Half) for o in gc.get_objects())
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as r:
+        return r.run(main())
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_closed_connections_leave_nothing_to_the_cycle_collector(loop: str) -> None:
+    """A relayed pair (session, both sides, their transports) is freed by reference counting
+    when both sides have closed; nothing of it waits for the cycle collector. Measured in a
+    child process, so that switching the collector off does not shift when the rest of the
+    suite's garbage is collected."""
+    code = ("import sys; from tests.integration.test_proxy_relay import relay_cycle_count; "
+            "print(relay_cycle_count(sys.argv[1]))")
+    out = subprocess.run([sys.executable, "-c", code, loop], cwd=REPO, capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    left = int(out.stdout.strip().splitlines()[-1])
+    assert left == 0, f"{left} relay objects kept alive by reference cycles"
+
+
 def test_half_close_from_the_client_keeps_the_reply_direction_open(
         run: Callable[..., None], relay: str) -> None:
     async def count_then_reply(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -352,12 +395,17 @@ def test_slow_reader_does_not_make_the_proxy_buffer_everything(
             await stalled()
             # kernel buffers (a few MB each way on loopback) + the proxy's watermark
             assert sent[0] < 24 * 1024 * 1024, sent[0]
-            assert stat(w, "cluster.c.upstream_flow_control_paused_reading_total") >= 1
+            # In user space the proxy paused reading the upstream. The kernel relay may stall
+            # before its byte limit passes the direction to user space (the downstream's send
+            # buffer and the bounded redirect queue full): the bound above holds either way.
+            if relay == "user":
+                assert stat(w, "cluster.c.upstream_flow_control_paused_reading_total") >= 1
             got = 0
             while data := await r.read(1 << 20):
                 got += len(data)
             assert got == total
-            assert stat(w, "cluster.c.upstream_flow_control_resumed_reading_total") >= 1
+            if relay == "user":
+                assert stat(w, "cluster.c.upstream_flow_control_resumed_reading_total") >= 1
             assert stat(w, "tcp.c.downstream_cx_tx_bytes_total") == total
             wr.close()
     run(main())
