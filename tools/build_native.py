@@ -49,12 +49,9 @@ def group_libraries() -> list[Path]:
 
 def clean(quiet: bool = False) -> int:
     removed = 0
-    for module in native.MODULES:
-        so = native.compiled(module)
-        while so is not None:
-            so.unlink()
-            removed += 1
-            so = native.compiled(module)
+    for so in native.extension_files():     # listed or not (a module may have left the list)
+        so.unlink()
+        removed += 1
     for lib in group_libraries():
         lib.unlink()
         removed += 1

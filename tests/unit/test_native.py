@@ -46,6 +46,17 @@ def test_status_sorts_built_stale_and_missing(tmp_path: Path,
     assert "older than their source" in st.summary and "pkg.b" in st.summary
 
 
+def test_a_compiled_module_no_longer_listed_is_stale(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """It would shadow its source (Python imports the extension first)."""
+    _tree(tmp_path, monkeypatch)
+    monkeypatch.setattr(native, "SRC", tmp_path)
+    (tmp_path / "remora").mkdir()
+    (tmp_path / "remora" / ("gone" + SUFFIX)).write_bytes(b"")
+    st = native.status()
+    assert st.stale == ("remora.gone",)
+
+
 def test_summary_names_the_pure_and_the_complete_cases(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     files = _tree(tmp_path, monkeypatch)
