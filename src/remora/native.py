@@ -2,11 +2,11 @@
 
 Owns: :data:`MODULES` (the proxy's per-request path: codecs, connection manager, pools,
 routing, telemetry and what they call per event; not the L4 relay, bound by its system
-calls, where compiling gained nothing measurable), :func:`status` and
-:func:`extension_files`. The sources stay the typed Python in this tree (checked by ``mypy --strict``);
-``./dev build`` (``tools/build_native.py``) compiles them in place, next to each ``.py``, where
-Python's import system prefers the extension module. Without a C compiler nothing is built
-and the same modules run interpreted (about 1.7x fewer HTTP requests per second).
+calls, where compiling gained nothing measurable), :func:`status` and :func:`extension_files`.
+The sources stay the typed Python in this tree (checked by ``mypy --strict``); ``./dev build``
+(``tools/build_native.py``) compiles them in place, next to each ``.py``, where Python's import
+system prefers the extension module. Without a C compiler nothing is built and the same
+modules run interpreted (about 1.7x fewer HTTP requests per second).
 Must not: import the modules it lists (it is read by the build and at start-up).
 """
 
