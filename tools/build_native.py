@@ -94,7 +94,7 @@ def build() -> int:
             os.utime(so)
     st = native.status()
     print(st.summary)
-    return 0 if not st.missing and not st.stale else 1
+    return 0 if st.complete else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     st = native.status()
     if ns.check:
         print(st.summary)
-        return 0 if not st.missing and not st.stale else 1
-    if not ns.force and not st.missing and not st.stale:
+        return 0 if st.complete else 1
+    if not ns.force and st.complete:
         print(st.summary)
         return 0
     return build()

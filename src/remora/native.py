@@ -56,6 +56,11 @@ class Status:
     missing: tuple[str, ...]    # not compiled: these run interpreted
 
     @property
+    def complete(self) -> bool:
+        """Every listed module compiled and current, nothing left over."""
+        return not self.stale and not self.missing
+
+    @property
     def summary(self) -> str:
         n = len(MODULES)
         if self.stale:
