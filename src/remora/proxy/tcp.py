@@ -267,7 +267,9 @@ class _Half(asyncio.Protocol):
     transport: asyncio.Transport
     peer: _Half
     write: Callable[[bytes], object]    # the other side's transport.write
-    __deletable__ = ("peer", "session", "write")     # (compiled) release() deletes them
+    # release() deletes these; mypyc needs the list should this module be compiled again
+    # (remora.native leaves it interpreted today)
+    __deletable__ = ("peer", "session", "write")
 
     def __init__(self, session: _Session) -> None:
         self.session = session
