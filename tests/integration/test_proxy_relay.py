@@ -209,6 +209,40 @@ def free_port() -> int:
 # ------------------------------------------------------------------------------ relay
 
 
+def test_no_python_code_of_the_relay_runs_per_chunk(run: Callable[..., None]) -> None:
+    """User-space relay: each side's transport hands a chunk straight to the other side's
+    write, so 100 round trips run no function of remora.proxy.tcp (a per-chunk callback
+    would run 200 times); the byte counts, read from the kernel, are still exact."""
+    tcp_file = tcp.__file__
+
+    async def main() -> None:
+        async with upstream(echo) as up, proxy(snapshot([listener(tcp_chain("c"))],
+                                                        [cluster("c", up)])) as w:
+            r, wr = await asyncio.open_connection(LO, port(w))
+            wr.write(b"x")      # connected and relaying before counting
+            assert await r.readexactly(1) == b"x"
+            calls = 0
+
+            def count(frame: Any, event: str, _arg: object) -> None:
+                nonlocal calls
+                if event == "call" and frame.f_code.co_filename == tcp_file:
+                    calls += 1
+            sys.setprofile(count)
+            try:
+                for _ in range(100):
+                    wr.write(b"ping")
+                    assert await r.readexactly(4) == b"ping"
+            finally:
+                sys.setprofile(None)
+            assert calls == 0
+            assert stat(w, "tcp.c.downstream_cx_rx_bytes_total") == 401
+            assert stat(w, "cluster.c.upstream_cx_rx_bytes_total") == 401
+            wr.close()
+            await until(lambda: stat(w, "listener.127.0.0.1_0.downstream_cx_destroy") == 1)
+            assert stat(w, "tcp.c.downstream_cx_tx_bytes_total") == 401
+    run(main())
+
+
 def test_echo_counts_bytes_and_connections(run: Callable[..., None], relay: str) -> None:
     async def main() -> None:
         async with upstream(echo) as up, proxy(snapshot([listener(tcp_chain("c"))],

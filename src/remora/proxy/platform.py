@@ -179,6 +179,10 @@ def upstream_socket(family: socket.AddressFamily,
 SIOCINQ = 0x541B                  # <asm/ioctls.h> FIONREAD: rcv_nxt - copied_seq for TCP
 SIOCOUTQ = 0x5411                 # <asm/ioctls.h> TIOCOUTQ: write_seq - snd_una for TCP
 TCPI_BYTES_ACKED = 120            # offset of tcpi_bytes_acked in struct tcp_info (u64)
+TCPI_BYTES_RECEIVED = 128         # offset of tcpi_bytes_received (u64, Linux 4.1+)
+# tcpi_state values (<net/tcp_states.h>) in which the peer's FIN has been received
+_FIN_RECEIVED = frozenset({6, 8, 9, 11})   # TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING
+_TCP_CLOSE = 7
 _INT = struct.Struct("i")
 
 
@@ -192,6 +196,22 @@ def tcp_written(sock: socket.socket) -> int:
     acked = int.from_bytes(info[TCPI_BYTES_ACKED:TCPI_BYTES_ACKED + 8], sys.byteorder)
     outq = _INT.unpack(fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
     return acked + int(outq)
+
+
+def tcp_read(sock: socket.socket, *, eof: bool = False) -> int:
+    """Bytes the application has read from this TCP socket so far: ``tcpi_bytes_received``
+    (which counts the peer's FIN as one) minus ``SIOCINQ`` (what is still unread), minus
+    the FIN once received (``eof``: the caller has read it, for a socket already closed by
+    a reset). Raises OSError when the socket is gone."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_BYTES_RECEIVED + 8)
+    if len(info) < TCPI_BYTES_RECEIVED + 8:
+        raise OSError(errno.EOPNOTSUPP, "tcp_info without tcpi_bytes_received")
+    received = int.from_bytes(info[TCPI_BYTES_RECEIVED:TCPI_BYTES_RECEIVED + 8],
+                              sys.byteorder)
+    state = info[0]
+    fin = state in _FIN_RECEIVED or (eof and state == _TCP_CLOSE)
+    inq = _INT.unpack(fcntl.ioctl(sock.fileno(), SIOCINQ, b"\0\0\0\0"))[0]
+    return max(0, received - int(inq) - fin)
 
 
 def unread_bytes(sock: socket.socket) -> int:

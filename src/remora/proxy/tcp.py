@@ -10,12 +10,17 @@ proxy buffer more than about one watermark per direction), half-close (EOF from 
 ``idle_timeout``, closing one side when the other closes or resets, byte counters, Envoy's
 ``tcp.<stat_prefix>.…`` stats, and the connection's response flags (``UH``, ``UF``, ``UO``,
 ``URX``, ``NC``) for the log.
-Hot path: a chunk costs one write to the other side and one integer add. The byte counters
-are folded into the stat store when the connection ends and whenever the stats are read
-(:meth:`TcpProxyFilter.flush_stats`, called by the worker's snapshot), and the idle timeout is
-a timer that ticks every ``idle_timeout / IDLE_TICKS`` and compares the byte counts with the
-previous tick (no clock read per chunk; the connection closes between ``idle_timeout`` and
-``idle_timeout * (1 + 1/IDLE_TICKS)`` after its last byte).
+Hot path: no Python code runs per chunk. Each side's protocol has as its ``data_received``
+the other side's ``transport.write`` (a method of uvloop's compiled transport, which the
+transport calls directly), so a chunk is one read and one write inside the event loop. The
+byte counts come from the kernel instead (``tcpi_bytes_received`` less what is unread,
+:func:`remora.proxy.platform.tcp_read`), read when the stats are read
+(:meth:`TcpProxyFilter.flush_stats`, called by the worker's snapshot), by the idle timer, and
+once more as each socket closes. The idle timeout is a timer that ticks every
+``idle_timeout / IDLE_TICKS`` and compares the byte counts with the previous tick (the
+connection closes between ``idle_timeout`` and ``idle_timeout * (1 + 1/IDLE_TICKS)`` after
+its last byte). Where the kernel cannot count (not a TCP socket) or the kernel relay may take
+over (``--tcp-offload``), each chunk goes through :meth:`_Half.relay`, which counts it.
 Kernel relay (``--tcp-offload``, maps from :mod:`remora.proxy.bpf`): once a plain IPv4,
 non-transparent connection has nothing buffered in either write buffer and nothing unread on
 either socket (so the sniffed ``initial`` bytes and a server-first upstream's first bytes have
@@ -67,6 +72,7 @@ OFFLOAD_TICK = 0.05
 OFFLOAD_TRIES = 8                 # loop iterations to wait for empty write buffers
 DRAIN_STALL = 2.0                 # give up waiting for a drain that makes no progress (s)
 KERNEL, DRAINING, USER = 0, 1, 2  # a direction's relay under offload
+_INET = (socket.AF_INET, socket.AF_INET6)
 
 # Envoy's core response flags in the order they are printed (spec §10.1).
 FLAG_ORDER = ("LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX",
@@ -261,15 +267,18 @@ class _Half(asyncio.Protocol):
 
     DIR = 0
 
-    __slots__ = ("lost", "paused", "peer", "read_eof", "rx", "session", "transport", "write",
-                 "write_paused")
+    __slots__ = ("data_received", "lost", "paused", "peer", "read_eof", "rx", "session", "sock",
+                 "transport", "write", "write_paused")
 
     transport: asyncio.Transport
     peer: _Half
-    write: Callable[[bytes], object]    # the other side's transport.write
+    write: Callable[[bytes], None]    # the other side's transport.write
+    # What the transport calls with each chunk read (it looks this up when the protocol is
+    # set): self.relay, or the other side's transport.write itself (see the module's notes).
+    data_received: Callable[[bytes], None]  # type: ignore[assignment]  # a slot, not a method
     # release() deletes these; mypyc needs the list should this module be compiled again
     # (remora.native leaves it interpreted today)
-    __deletable__ = ("peer", "session", "write")
+    __deletable__ = ("data_received", "peer", "session", "write")
 
     def __init__(self, session: _Session) -> None:
         self.session = session
@@ -278,13 +287,25 @@ class _Half(asyncio.Protocol):
         self.paused = False          # our reading is paused (the peer's buffer is full)
         self.write_paused = False    # our transport's write buffer is above the watermark
         self.rx = 0                  # bytes read from this side (and written to the other)
+        # The socket whose kernel counts replace rx while the chunks bypass relay(); rx then
+        # holds the last count read, and the final one once the side is closed.
+        self.sock: socket.socket | None = None
+        self.data_received = self.relay
+
+    def read_count(self) -> int:
+        """Bytes read from this side so far (and written to the other)."""
+        sock = self.sock
+        if sock is not None and not self.lost:
+            with contextlib.suppress(OSError):
+                self.rx = platform.tcp_read(sock, eof=self.read_eof)
+        return self.rx
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not derive from asyncio.Transport; they implement it.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=HIGH_WATERMARK, low=LOW_WATERMARK)
 
-    def data_received(self, data: bytes) -> None:
+    def relay(self, data: bytes) -> None:
         self.write(data)
         self.rx += len(data)
 
@@ -324,6 +345,10 @@ class _Half(asyncio.Protocol):
         raise NotImplementedError
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # The socket is still open here (the transport closes it after this call): take the
+        # final byte count before it goes.
+        self.read_count()
+        self.sock = None
         self.lost = True
         self.session.half_lost(self, exc)
 
@@ -335,6 +360,8 @@ class _Half(asyncio.Protocol):
             del self.peer
         with contextlib.suppress(AttributeError):     # unset when the upstream never connected
             del self.write
+        with contextlib.suppress(AttributeError):
+            del self.data_received
         with contextlib.suppress(AttributeError):
             del self.session
 
@@ -454,11 +481,11 @@ class _Session:
     def rx_down(self) -> int:
         """Bytes read from downstream so far (user space and kernel)."""
         pair = self.pair
-        return self.down.rx if pair is None else self.down.rx + pair.bytes(0)
+        return self.down.read_count() if pair is None else self.down.rx + pair.bytes(0)
 
     def rx_up(self) -> int:
         pair = self.pair
-        return self.up.rx if pair is None else self.up.rx + pair.bytes(1)
+        return self.up.read_count() if pair is None else self.up.rx + pair.bytes(1)
 
     def flush_bytes(self) -> None:
         """Add the bytes relayed since the last flush to the stat store."""
@@ -484,11 +511,24 @@ class _Session:
     def downstream_protocol(self) -> _Downstream:
         return self.down
 
+    def _bypass_downstream(self, sock: socket.socket) -> None:
+        """Unless the kernel relay may take over, have the downstream's chunks go straight
+        to the upstream's transport (the module's notes), counted by the downstream socket."""
+        up = self.up
+        if self.filter.offload is not None or up.lost or sock.family not in _INET:
+            return
+        usock = up.transport.get_extra_info("socket")
+        if usock is None or usock.family not in _INET:
+            return
+        self.down.sock = sock
+        self.down.data_received = self.down.write
+
     async def run(self, sock: socket.socket, initial: bytes) -> None:
         """Wrap the downstream socket, start relaying, return when both sides are closed."""
         live = self.filter.live
         live.add(self)
         try:
+            self._bypass_downstream(sock)
             try:
                 await self.loop.connect_accepted_socket(self.downstream_protocol, sock)
             except OSError:
@@ -540,10 +580,17 @@ class _Session:
         downstream's buffer has room."""
         early = self.early
         down = self.down.transport = self.down.real
-        self.up.write = down.write
+        up = self.up
+        up.write = down.write
         if self.down.lost:
             early.chunks.clear()
             return
+        if self.down.sock is not None and not up.lost and not up.transport.is_closing():
+            # Chunks from upstream go straight to the downstream's transport from now on;
+            # the upstream's counts come from its socket (those relayed so far included).
+            up.sock = up.transport.get_extra_info("socket")
+            up.data_received = down.write
+            up.transport.set_protocol(up)    # the transport looks data_received up again
         for chunk in early.chunks:
             down.write(chunk)
         early.chunks.clear()
