@@ -231,6 +231,9 @@ def _header_op(op: str, arg: str | None,
 _STRFTIME_SPECIAL = re.compile(r"%(?:([1-9]?)f|s|E([0-9]|\*)S|%)")
 
 
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))   # START_TIME's default ending
+
+
 def _time_op(arg: str | None) -> Provider:
     """``START_TIME`` / ``START_TIME(fmt)``: UTC. The default is
     ``%Y-%m-%dT%H:%M:%E3SZ`` (``2024-05-01T12:00:00.123Z``); a custom format is strftime plus
@@ -245,7 +248,7 @@ def _time_op(arg: str | None) -> Provider:
             if sec != cache[0]:
                 cache[0] = sec
                 cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-            return f"{cache[1]}.{frac // 1000:03d}Z"
+            return str(cache[1]) + _MILLIS[frac // 1000]
         return default
 
     # Segments: ("t", strftime text) or ("f", digits) or ("s", 0) or ("S", digits; -1 = *).

@@ -35,7 +35,7 @@ from mypy_extensions import mypyc_attr
 
 from remora.proxy.http import accesslog, telemetry, tracing
 from remora.proxy.http import routes as rt
-from remora.proxy.http.pool import ClusterHttpState, Flusher, UpstreamConnection
+from remora.proxy.http.pool import ClusterHttpState, Flusher, HttpPool, UpstreamConnection
 from remora.proxy.http.types import (
     Body,
     ConnectionClosed,
@@ -60,13 +60,6 @@ from remora.proxy.upstream import Host, UpstreamCluster, UpstreamError
 log = logging.getLogger(__name__)
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_NO_TIMEOUT = contextlib.nullcontext()
-
-
-def _timeout(limit: float | None) -> contextlib.AbstractAsyncContextManager[object]:
-    """``asyncio.timeout`` only when there is a limit (it costs a timer handle and a task
-    lookup per request; Istio's routes have none)."""
-    return _NO_TIMEOUT if limit is None else asyncio.timeout(limit)
 BUFFER_LIMIT = 1 << 20        # per_connection_buffer_limit_bytes (Envoy default 1 MiB)
 RESET_BEFORE = "upstream connect error or disconnect/reset before headers."
 HCM_STATS = (
@@ -1529,18 +1522,11 @@ class _Router:
             limit = per_try if limit is None else min(limit, per_try)
         per_try_binding = bool(per_try and (deadline is None or now + per_try < deadline))
         try:
-            async with _timeout(limit):
-                try:
-                    conn = await pool.acquire()
-                except UpstreamError as exc:
-                    if exc.flag == "UO":
-                        return "overflow", None, None
-                    return "failure", ("UF", f"connection failure, transport failure reason: "
-                                             f"{exc.detail}", False), None
-                attempt = _Attempt(s, conn, host, self.loop)
-                s.attempt = attempt
-                self._start_request(attempt, attempt_no, host)
-                outcome, value = await attempt.headers
+            if limit is None:      # (Istio's routes have no timeout: no timer, no wrapper)
+                got = await self._send(pool, host, attempt_no)
+            else:
+                async with asyncio.timeout(limit):
+                    got = await self._send(pool, host, attempt_no)
         except TimeoutError:
             a = s.attempt
             if a is not None and a.host is host:
@@ -1549,6 +1535,10 @@ class _Router:
                 self.ctx.stats.inc(self.state.s["upstream_rq_per_try_timeout"])
                 return "failure", ("UT", "per try timeout", False), None
             return "global_timeout", None, None
+        if isinstance(got, tuple):
+            return got
+        attempt = got
+        outcome, value = attempt.headers.result()
         if outcome == "reset":
             reason, refused = value
             self.ctx.stats.inc(self.state.s["upstream_rq_rx_reset"])
@@ -1557,6 +1547,23 @@ class _Router:
             flag = {"connection termination": "UC", "protocol error": "UPE"}.get(reason, "UR")
             return "failure", (flag, reason, refused), None
         return "response", value, attempt
+
+    async def _send(self, pool: HttpPool, host: Host, attempt_no: int,
+                    ) -> _Attempt | tuple[str, Any, _Attempt | None]:
+        """Get a connection and send the request on it; the attempt once its response
+        headers (or its end) are in, else the outcome for :meth:`_try`."""
+        try:
+            conn = await pool.acquire()
+        except UpstreamError as exc:
+            if exc.flag == "UO":
+                return "overflow", None, None
+            return "failure", ("UF", f"connection failure, transport failure reason: "
+                                     f"{exc.detail}", False), None
+        attempt = _Attempt(self.s, conn, host, self.loop)
+        self.s.attempt = attempt
+        self._start_request(attempt, attempt_no, host)
+        await attempt.headers
+        return attempt
 
     def _start_request(self, attempt: _Attempt, attempt_no: int, host: Host) -> None:
         s = self.s
@@ -1610,10 +1617,12 @@ class _Router:
                          str(int((self.loop.time() - attempt.start) * 1000)))
         attempt.commit(head, end_stream)
         if not attempt.complete.done():
-            limit = None if deadline is None else max(0.0, deadline - self.loop.time())
             try:
-                async with _timeout(limit):
+                if deadline is None:
                     how = await attempt.complete
+                else:
+                    async with asyncio.timeout(max(0.0, deadline - self.loop.time())):
+                        how = await attempt.complete
             except TimeoutError:
                 st.inc(self.state.s["upstream_rq_timeout"])
                 s.info.response_flags.add("UT")

@@ -269,14 +269,36 @@ def service_of_host(host: str) -> DestinationService:
     return DestinationService(host=host, name=host)
 
 
+# Per-request results kept per input (bounded: the authority comes from the request). The
+# workload objects are keyed by identity and checked on a hit (a frozen dataclass's hash
+# would cost more than the derivation).
+_DEST_CACHE: dict[tuple[str, str, str, int], tuple[WorkloadMeta | None, DestinationService]] = {}
+_LABELS_CACHE: dict[tuple[str, int, int, str, str, str],
+                    tuple[WorkloadMeta, WorkloadMeta | None, Labels]] = {}
+
+
 def destination_service(cluster: str, *, authority: str = "", route_name: str = "",
                         local: WorkloadMeta | None = None) -> DestinationService:
+    """:func:`derive_destination_service`, remembered per input."""
+    key = (cluster, authority, route_name, id(local))
+    hit = _DEST_CACHE.get(key)
+    if hit is not None and hit[0] is local:
+        return hit[1]
+    service = derive_destination_service(cluster, authority=authority, route_name=route_name,
+                                         local=local)
+    if len(_DEST_CACHE) >= _CACHE_MAX:
+        _DEST_CACHE.clear()
+    _DEST_CACHE[key] = (local, service)
+    return service
+
+
+def derive_destination_service(cluster: str, *, authority: str = "", route_name: str = "",
+                               local: WorkloadMeta | None = None) -> DestinationService:
     """Istio's derivation: start from the request's Host (``authority`` as received, port
     included, as Istio's Host-header fallback does), then ``block_all`` / ``allow_any``
     routes and passthrough clusters name themselves, else the cluster's service: an
     ``outbound|port|subset|host`` cluster names its host; an ``inbound|…`` cluster the local
     workload's :attr:`WorkloadMeta.service_host` when known."""
-    fallback = DestinationService(host=authority, name=authority)
     if route_name == "block_all":
         return DestinationService(host=authority, name="BlackHoleCluster")
     if route_name == "allow_any":
@@ -291,7 +313,7 @@ def destination_service(cluster: str, *, authority: str = "", route_name: str = 
             return service_of_host(parts[3])
         if local is not None and local.service_host:
             return service_of_host(local.service_host)
-    return fallback
+    return DestinationService(host=authority, name=authority)
 
 
 # ----------------------------------------------------------------------------- recording
@@ -310,12 +332,30 @@ def _namespace_of(principal: str) -> str:
     return rest.split("/", 1)[0]
 
 
+_NO_PEER = WorkloadMeta()
+
+
 def peer_labels(reporter: Reporter, local: WorkloadMeta, peer: WorkloadMeta | None,
                 service: DestinationService, *, peer_principal: str = "") -> Labels:
+    """:func:`derive_peer_labels`, remembered per input (the peers' metadata objects are
+    themselves kept per header value)."""
+    key = (reporter, id(local), id(peer), service.host, service.name, peer_principal)
+    hit = _LABELS_CACHE.get(key)
+    if hit is not None and hit[0] is local and hit[1] is peer:
+        return hit[2]
+    labels = derive_peer_labels(reporter, local, peer, service, peer_principal=peer_principal)
+    if len(_LABELS_CACHE) >= _CACHE_MAX:
+        _LABELS_CACHE.clear()
+    _LABELS_CACHE[key] = (local, peer, labels)
+    return labels
+
+
+def derive_peer_labels(reporter: Reporter, local: WorkloadMeta, peer: WorkloadMeta | None,
+                       service: DestinationService, *, peer_principal: str = "") -> Labels:
     """reporter … destination_cluster, as ``populatePeerInfo`` pushes them. Local values are
     used as they are (Istio does not replace an empty local label); peer values fall back to
     "unknown" (canonical revision: "latest")."""
-    p = peer if peer is not None else WorkloadMeta()
+    p = peer if peer is not None else _NO_PEER
     peer_ns = _namespace_of(peer_principal) or p.namespace
     if reporter == "destination":
         return (
