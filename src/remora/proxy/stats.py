@@ -22,7 +22,6 @@ an observation is one dict lookup plus an add (histograms: plus a ``bisect``).
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -38,6 +37,19 @@ Labels = tuple[str, ...]
 DEFAULT_BUCKETS: tuple[float, ...] = (
     0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000,
     600000, 1800000, 3600000)
+
+
+def bucket_index(buckets: tuple[float, ...], value: float) -> int:
+    """``bisect_right``: the index of the first bound above ``value`` (compiled, this is a
+    few native float comparisons instead of a call into the bisect module)."""
+    lo, hi = 0, len(buckets)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if value < buckets[mid]:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 @dataclass(slots=True)
@@ -78,16 +90,23 @@ class Family:
     namespace: str = ""
     values: dict[Labels, int] = field(default_factory=dict)
     histograms: dict[Labels, Histogram] = field(default_factory=dict)
+    # The series observed last, by the identity of its labels tuple: a caller that passes
+    # the same tuple again (Istio's stats keep theirs per input) skips hashing its 25 values.
+    _last_labels: Labels | None = field(default=None, repr=False, compare=False)
+    _last_histogram: Histogram | None = field(default=None, repr=False, compare=False)
 
     def inc(self, labels: Labels, by: int = 1) -> None:
         values = self.values
         values[labels] = values.get(labels, 0) + by
 
     def observe(self, labels: Labels, value: float) -> None:
-        h = self.histograms.get(labels)
-        if h is None:
-            h = self.histograms[labels] = Histogram([0] * (len(self.buckets) + 1))
-        h.counts[bisect_right(self.buckets, value)] += 1
+        h = self._last_histogram
+        if h is None or labels is not self._last_labels:
+            h = self.histograms.get(labels)
+            if h is None:
+                h = self.histograms[labels] = Histogram([0] * (len(self.buckets) + 1))
+            self._last_labels, self._last_histogram = labels, h
+        h.counts[bucket_index(self.buckets, value)] += 1
         h.sum += value
 
     def copy(self) -> Family:

@@ -275,6 +275,7 @@ def service_of_host(host: str) -> DestinationService:
 _DEST_CACHE: dict[tuple[str, str, str, int], tuple[WorkloadMeta | None, DestinationService]] = {}
 _LABELS_CACHE: dict[tuple[str, int, int, str, str, str],
                     tuple[WorkloadMeta, WorkloadMeta | None, Labels]] = {}
+_HTTP_LABELS_CACHE: dict[tuple[int, bool, int, str, str, bool], tuple[Labels, Labels]] = {}
 
 
 def destination_service(cluster: str, *, authority: str = "", route_name: str = "",
@@ -417,10 +418,21 @@ def record_http(store: Stats, *, reporter: Reporter, local: WorkloadMeta,
     grpc = is_grpc(info)
     grpc_status = (str(info.grpc_status) if info.grpc_status is not None else "") if grpc \
         else ""
-    labels = (*peer_labels(reporter, local, peer, _service(destination_service),
-                           peer_principal=peer_principal),
-              "grpc" if grpc else "http", str(info.response_code), grpc_status,
-              response_flags_text(info.response_flags), security_policy(reporter, mtls))
+    peer_part = peer_labels(reporter, local, peer, _service(destination_service),
+                            peer_principal=peer_principal)
+    # The same tuple object for the same labels, so that the histograms find their series
+    # without hashing it (stats.Family.observe).
+    flags = response_flags_text(info.response_flags)
+    key = (id(peer_part), grpc, info.response_code, grpc_status, flags, mtls)
+    hit = _HTTP_LABELS_CACHE.get(key)
+    if hit is not None and hit[0] is peer_part:
+        labels = hit[1]
+    else:
+        labels = (*peer_part, "grpc" if grpc else "http", str(info.response_code), grpc_status,
+                  flags, security_policy(reporter, mtls))
+        if len(_HTTP_LABELS_CACHE) >= _CACHE_MAX:
+            _HTTP_LABELS_CACHE.clear()
+        _HTTP_LABELS_CACHE[key] = (peer_part, labels)
     store.family(REQUESTS_TOTAL, "counter", HTTP_LABELS, namespace=NAMESPACE).inc(labels)
     if info.duration is not None:
         store.family(REQUEST_DURATION, "histogram", HTTP_LABELS, namespace=NAMESPACE) \
