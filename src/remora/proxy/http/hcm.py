@@ -90,12 +90,15 @@ def _status_text(status: int) -> str:
         return "Unknown"
 
 
+# A UUID's variant digit (10xx in binary) from any random hex digit (its two low bits).
+_VARIANT_DIGIT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
+
+
 def request_id(rng: random.Random) -> str:
     """A random UUID v4 in its text form (Envoy's UUID request-id extension): 122 random
     bits, version 4, variant 10 (RFC 9562 §5.4), without building a ``uuid.UUID``."""
-    v = (rng.getrandbits(128) & ~(0xF000 << 64) & ~(0xC << 60)) | (0x4000 << 64) | (0x8 << 60)
-    h = f"{v:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    h = rng.getrandbits(128).to_bytes(16, "big").hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT_DIGIT[h[16]]}{h[17:20]}-{h[20:]}"
 
 
 def grpc_percent_encode(text: str) -> str:

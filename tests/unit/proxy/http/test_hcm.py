@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import random
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -22,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from remora.proxy.http.h2codec import H2ClientCodec
+from remora.proxy.http.hcm import request_id
 from remora.proxy.http.types import Body, EndStream, ResponseHeaders, Writable
 from remora.proxy.model import OutlierDetection, Thresholds
 from tests.unit.proxy.http.harness import (
@@ -79,6 +81,21 @@ def flags(info: Any) -> set[str]:
 
 
 # ============================================================================ the happy path
+
+
+def test_generated_request_ids_are_random_uuid_v4() -> None:
+    """Envoy's UUID request-id: version 4, RFC 4122 variant, 122 random bits (every hex
+    digit outside the version and variant positions takes all 16 values)."""
+    rng = random.Random(7)
+    ids = [request_id(rng) for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        u = uuid.UUID(text)
+        assert str(u) == text and u.version == 4 and u.variant == uuid.RFC_4122
+    digits = [t.replace("-", "") for t in ids]
+    for pos in (i for i in range(32) if i != 12):
+        seen = {d[pos] for d in digits}
+        assert len(seen) == (4 if pos == 16 else 16), pos
 
 
 @run
