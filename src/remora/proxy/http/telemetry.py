@@ -26,7 +26,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
@@ -165,6 +165,18 @@ def encode_peer_metadata(meta: WorkloadMeta, node_id: str = "") -> dict[str, str
 
 _B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 _CACHE_MAX = 1024
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _keep(cache: dict[K, V], key: K, value: V) -> None:
+    """Remember ``value`` in one of this module's per-input caches, which are bounded (their
+    keys come from requests): a full cache starts over."""
+    if len(cache) >= _CACHE_MAX:
+        cache.clear()
+    cache[key] = value
+
+
 _decoded: dict[str, WorkloadMeta | None] = {}
 
 
@@ -177,9 +189,7 @@ def decode_peer_metadata_value(value: str) -> WorkloadMeta | None:
     except KeyError:
         pass
     meta = _decode(value)
-    if len(_decoded) >= _CACHE_MAX:
-        _decoded.clear()
-    _decoded[value] = meta
+    _keep(_decoded, value, meta)
     return meta
 
 
@@ -287,9 +297,7 @@ def destination_service(cluster: str, *, authority: str = "", route_name: str = 
         return hit[1]
     service = derive_destination_service(cluster, authority=authority, route_name=route_name,
                                          local=local)
-    if len(_DEST_CACHE) >= _CACHE_MAX:
-        _DEST_CACHE.clear()
-    _DEST_CACHE[key] = (local, service)
+    _keep(_DEST_CACHE, key, (local, service))
     return service
 
 
@@ -345,9 +353,7 @@ def peer_labels(reporter: Reporter, local: WorkloadMeta, peer: WorkloadMeta | No
     if hit is not None and hit[0] is local and hit[1] is peer:
         return hit[2]
     labels = derive_peer_labels(reporter, local, peer, service, peer_principal=peer_principal)
-    if len(_LABELS_CACHE) >= _CACHE_MAX:
-        _LABELS_CACHE.clear()
-    _LABELS_CACHE[key] = (local, peer, labels)
+    _keep(_LABELS_CACHE, key, (local, peer, labels))
     return labels
 
 
@@ -430,9 +436,7 @@ def record_http(store: Stats, *, reporter: Reporter, local: WorkloadMeta,
     else:
         labels = (*peer_part, "grpc" if grpc else "http", str(info.response_code), grpc_status,
                   flags, security_policy(reporter, mtls))
-        if len(_HTTP_LABELS_CACHE) >= _CACHE_MAX:
-            _HTTP_LABELS_CACHE.clear()
-        _HTTP_LABELS_CACHE[key] = (peer_part, labels)
+        _keep(_HTTP_LABELS_CACHE, key, (peer_part, labels))
     store.family(REQUESTS_TOTAL, "counter", HTTP_LABELS, namespace=NAMESPACE).inc(labels)
     if info.duration is not None:
         store.family(REQUEST_DURATION, "histogram", HTTP_LABELS, namespace=NAMESPACE) \
