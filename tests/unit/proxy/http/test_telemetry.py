@@ -262,3 +262,23 @@ def test_merge_and_prometheus_output_across_workers() -> None:
     order = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
     assert order == ["istio_requests_total", "istio_request_bytes",
                      "istio_request_duration_milliseconds", "istio_response_bytes"]
+
+
+def test_per_input_caches_stay_bounded_and_agree_with_the_derivation() -> None:
+    """The destination service and the labels are remembered per input; the authority comes
+    from requests, so the caches must not grow without bound, and a hit must give what the
+    derivation gives."""
+    local = tm.workload_from_node(NODE)
+    for i in range(3 * tm._CACHE_MAX):
+        host = f"h{i}.example"
+        got = tm.destination_service("PassthroughCluster", authority=host, local=local)
+        assert got == tm.derive_destination_service("PassthroughCluster", authority=host,
+                                                    local=local)
+        assert len(tm._DEST_CACHE) <= tm._CACHE_MAX
+    svc = tm.destination_service("outbound|9080||reviews.default.svc.cluster.local")
+    first = tm.peer_labels("source", local, REVIEWS, svc)
+    assert tm.peer_labels("source", local, REVIEWS, svc) is first     # kept
+    assert first == tm.derive_peer_labels("source", local, REVIEWS, svc)
+    other = tm.workload_from_node({**NODE, "NAME": "other-pod"})
+    assert tm.peer_labels("source", other, REVIEWS, svc) == \
+        tm.derive_peer_labels("source", other, REVIEWS, svc)
