@@ -90,6 +90,10 @@ def _status_text(status: int) -> str:
         return "Unknown"
 
 
+# Stat names by status class (code // 100), not formatted per request.
+_DOWNSTREAM_CLASS = tuple(f"downstream_rq_{c}xx" for c in range(6))
+_UPSTREAM_CLASS = tuple(f"upstream_rq_{c}xx" for c in range(6))
+
 # A UUID's variant digit (10xx in binary) from any random hex digit (its two low bits).
 _VARIANT_DIGIT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
 
@@ -1213,7 +1217,7 @@ class _Stream:
         if code:
             st.inc(s["downstream_rq_completed"])
             if code >= 100:
-                st.inc(s[f"downstream_rq_{min(code // 100, 5)}xx"])
+                st.inc(s[_DOWNSTREAM_CLASS[min(code // 100, 5)]])
         if not self.response_done and self.response_started:
             self._reset_downstream()
         self.info.duration = self.conn.loop.time() - self.start_mono
@@ -1613,8 +1617,8 @@ class _Router:
         code = head.status
         st.inc(self.state.s["upstream_rq_completed"])
         if 200 <= code < 600:
-            st.inc(self.state.s[f"upstream_rq_{code // 100}xx"])
-        st.inc(f"{self.state.scope}upstream_rq_{code}")
+            st.inc(self.state.s[_UPSTREAM_CLASS[code // 100]])
+        st.inc(self.state.code_stat(code))
         s.info.response_code_details = "via_upstream"
         head.headers.set("x-envoy-upstream-service-time",
                          str(int((self.loop.time() - attempt.start) * 1000)))

@@ -515,6 +515,14 @@ class ClusterHttpState:
         self.max_retries = thresholds.max_retries
         od = cluster.config.outlier_detection
         self.outlier = OutlierDetector(self, od) if od is not None else None
+        self._code_stats: dict[int, str] = {}
+
+    def code_stat(self, code: int) -> str:
+        """``cluster.<name>.upstream_rq_<code>``, named once per status code."""
+        name = self._code_stats.get(code)
+        if name is None:
+            name = self._code_stats[code] = f"{self.scope}upstream_rq_{code}"
+        return name
 
     def pool(self, host: Host, protocol: str) -> HttpPool:
         key = (id(host), protocol)
