@@ -186,14 +186,19 @@ _TCP_CLOSE = 7
 _INT = struct.Struct("i")
 
 
+def _tcp_info_u64(sock: socket.socket, offset: int, name: str) -> tuple[int, int]:
+    """The u64 field of ``struct tcp_info`` at ``offset``, and ``tcpi_state``."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, offset + 8)
+    if len(info) < offset + 8:
+        raise OSError(errno.EOPNOTSUPP, f"tcp_info without {name}")
+    return int.from_bytes(info[offset:offset + 8], sys.byteorder), info[0]
+
+
 def tcp_written(sock: socket.socket) -> int:
     """Bytes the application has handed to this TCP socket so far (acked + still queued;
     after a connect, +1 for the SYN; after a shutdown, +1 for the FIN): ``tcpi_bytes_acked``
     plus ``SIOCOUTQ``. Raises OSError when the socket is gone."""
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_BYTES_ACKED + 8)
-    if len(info) < TCPI_BYTES_ACKED + 8:
-        raise OSError(errno.EOPNOTSUPP, "tcp_info without tcpi_bytes_acked")
-    acked = int.from_bytes(info[TCPI_BYTES_ACKED:TCPI_BYTES_ACKED + 8], sys.byteorder)
+    acked = _tcp_info_u64(sock, TCPI_BYTES_ACKED, "tcpi_bytes_acked")[0]
     outq = _INT.unpack(fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0"))[0]
     return acked + int(outq)
 
@@ -203,15 +208,9 @@ def tcp_read(sock: socket.socket, *, eof: bool = False) -> int:
     (which counts the peer's FIN as one) minus ``SIOCINQ`` (what is still unread), minus
     the FIN once received (``eof``: the caller has read it, for a socket already closed by
     a reset). Raises OSError when the socket is gone."""
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_BYTES_RECEIVED + 8)
-    if len(info) < TCPI_BYTES_RECEIVED + 8:
-        raise OSError(errno.EOPNOTSUPP, "tcp_info without tcpi_bytes_received")
-    received = int.from_bytes(info[TCPI_BYTES_RECEIVED:TCPI_BYTES_RECEIVED + 8],
-                              sys.byteorder)
-    state = info[0]
+    received, state = _tcp_info_u64(sock, TCPI_BYTES_RECEIVED, "tcpi_bytes_received")
     fin = state in _FIN_RECEIVED or (eof and state == _TCP_CLOSE)
-    inq = _INT.unpack(fcntl.ioctl(sock.fileno(), SIOCINQ, b"\0\0\0\0"))[0]
-    return max(0, received - int(inq) - fin)
+    return max(0, received - unread_bytes(sock) - fin)
 
 
 def unread_bytes(sock: socket.socket) -> int:
