@@ -513,14 +513,15 @@ class _Session:
 
     def _bypass_downstream(self, sock: socket.socket) -> None:
         """Unless the kernel relay may take over, have the downstream's chunks go straight
-        to the upstream's transport (the module's notes), counted by the downstream socket."""
+        to the upstream's transport (the module's notes; the upstream's follow in
+        _take_over_early), both sides counted by their sockets."""
         up = self.up
         if self.filter.offload is not None or up.lost or sock.family not in _INET:
             return
         usock = up.transport.get_extra_info("socket")
         if usock is None or usock.family not in _INET:
             return
-        self.down.sock = sock
+        self.down.sock, up.sock = sock, usock    # (up: those relayed so far included)
         self.down.data_received = self.down.write
 
     async def run(self, sock: socket.socket, initial: bytes) -> None:
@@ -585,10 +586,8 @@ class _Session:
         if self.down.lost:
             early.chunks.clear()
             return
-        if self.down.sock is not None and not up.lost and not up.transport.is_closing():
-            # Chunks from upstream go straight to the downstream's transport from now on;
-            # the upstream's counts come from its socket (those relayed so far included).
-            up.sock = up.transport.get_extra_info("socket")
+        if up.sock is not None and not up.transport.is_closing():   # (None once lost)
+            # Chunks from upstream go straight to the downstream's transport from now on.
             up.data_received = down.write
             up.transport.set_protocol(up)    # the transport looks data_received up again
         for chunk in early.chunks:
