@@ -29,12 +29,13 @@ import socket
 import time
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from mypy_extensions import mypyc_attr
 
 from remora.proxy.http import accesslog, telemetry, tracing
 from remora.proxy.http import routes as rt
+from remora.proxy.http.h1 import H1ServerCodec
 from remora.proxy.http.pool import ClusterHttpState, Flusher, HttpPool, UpstreamConnection
 from remora.proxy.http.types import (
     Body,
@@ -60,8 +61,8 @@ from remora.proxy.upstream import Host, UpstreamCluster, UpstreamError
 log = logging.getLogger(__name__)
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-BUFFER_LIMIT = 1 << 20        # per_connection_buffer_limit_bytes (Envoy default 1 MiB)
-RESET_BEFORE = "upstream connect error or disconnect/reset before headers."
+BUFFER_LIMIT: Final = 1 << 20        # per_connection_buffer_limit_bytes (Envoy default 1 MiB)
+RESET_BEFORE: Final = "upstream connect error or disconnect/reset before headers."
 HCM_STATS = (
     "downstream_cx_total", "downstream_cx_destroy", "downstream_cx_http1_total",
     "downstream_cx_http2_total", "downstream_rq_total", "downstream_rq_http1_total",
@@ -91,11 +92,11 @@ def _status_text(status: int) -> str:
 
 
 # Stat names by status class (code // 100), not formatted per request.
-_DOWNSTREAM_CLASS = tuple(f"downstream_rq_{c}xx" for c in range(6))
-_UPSTREAM_CLASS = tuple(f"upstream_rq_{c}xx" for c in range(6))
+_DOWNSTREAM_CLASS: Final = tuple(f"downstream_rq_{c}xx" for c in range(6))
+_UPSTREAM_CLASS: Final = tuple(f"upstream_rq_{c}xx" for c in range(6))
 
 # A UUID's variant digit (10xx in binary) from any random hex digit (its two low bits).
-_VARIANT_DIGIT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
+_VARIANT_DIGIT: Final = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
 
 
 def request_id(rng: random.Random) -> str:
@@ -346,7 +347,7 @@ class _Downstream(asyncio.Protocol):
         self.hcm = hcm
         self.record = record
         self.loop = loop
-        self.codec: ServerCodec | None = None
+        self.codec: H1ServerCodec | ServerCodec | None = None  # see pool.AnyWriter
         self.transport: asyncio.Transport | None = None
         self.flusher = hcm.ctx.flusher_for()
         self.dirty = False
@@ -444,7 +445,6 @@ class _Downstream(asyncio.Protocol):
             self.h1 = False
             self.hcm.stats.inc(self.hcm.s["downstream_cx_http2_total"])
         else:
-            from remora.proxy.http.h1 import H1ServerCodec
             self.codec = H1ServerCodec(max_request_headers_kb=cfg.max_request_headers_kb,
                                        max_headers_count=cfg.max_headers_count)
             self.hcm.stats.inc(self.hcm.s["downstream_cx_http1_total"])
@@ -516,7 +516,6 @@ class _Downstream(asyncio.Protocol):
     def _upgrade_h2c(self, ev: RequestHeaders) -> bool:
         """HTTP/1.1 ``Upgrade: h2c`` (RFC 7540 §3.2): answer 101, switch the connection to
         HTTP/2, and serve the upgraded request as stream 1."""
-        from remora.proxy.http.h1 import H1ServerCodec
         from remora.proxy.http.h2codec import H2ServerCodec
         settings = ev.head.headers.get("http2-settings")
         codec = self.codec
@@ -706,7 +705,6 @@ class _Downstream(asyncio.Protocol):
         self.hcm.stats.inc(self.hcm.s["downstream_rq_timeout"])
         if self.h1:
             if self.codec is None:
-                from remora.proxy.http.h1 import H1ServerCodec
                 self.codec = H1ServerCodec()
             s = _Stream.for_error(self, ProtocolError(408, "request_header_timeout"))
             # Envoy's onRequestHeaderTimeout text and details.

@@ -22,7 +22,9 @@ import collections
 import contextlib
 import logging
 import typing
+from typing import Final
 
+from remora.proxy.http.h1 import H1ClientCodec
 from remora.proxy.http.types import (
     Body,
     ClientCodec,
@@ -43,10 +45,13 @@ from remora.proxy.stats import Stats
 from remora.proxy.timers import Deadline
 from remora.proxy.upstream import Host, UpstreamCluster, UpstreamError
 
+if typing.TYPE_CHECKING:
+    from remora.proxy.http.hcm import _Attempt, _Downstream
+
 log = logging.getLogger(__name__)
 
-OUTLIER_FLAG = "/failed_outlier_check"
-REFUSED_STREAM = 7   # RFC 9113 §7: the request was not processed; safe to retry
+OUTLIER_FLAG: Final = "/failed_outlier_check"
+REFUSED_STREAM: Final = 7   # RFC 9113 §7: the request was not processed; safe to retry
 
 HTTP_CLUSTER_STATS = (
     "upstream_rq_pending_total", "upstream_rq_pending_overflow", "upstream_rq_retry",
@@ -72,10 +77,10 @@ class Flusher:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.dirty: list[Writer] = []
+        self.dirty: list[AnyWriter] = []
         self.scheduled = False
 
-    def mark(self, w: Writer) -> None:
+    def mark(self, w: AnyWriter) -> None:
         if not w.dirty:
             w.dirty = True
             self.dirty.append(w)
@@ -101,6 +106,14 @@ class Writer(typing.Protocol):
     def write_now(self) -> None: ...
 
 
+# The unions below name the compiled class that implements a protocol on the hot path ahead of
+# the protocol itself: compiled (remora.native), a call on such a value checks the type and
+# calls the method directly, where a value typed by the protocol alone goes through a Python
+# method lookup and argument parsing on every call. Anything else implementing the protocol
+# (the HTTP/2 codecs, tests' fakes) still works, by the slower path.
+AnyWriter = typing.Union["UpstreamConnection", "_Downstream", Writer]
+
+
 class StreamCallbacks(typing.Protocol):
     """What a pooled connection tells the request that owns a stream."""
 
@@ -124,16 +137,20 @@ class StreamCallbacks(typing.Protocol):
         ...
 
 
+AnyCallbacks = typing.Union["_Attempt", StreamCallbacks]
+AnyClientCodec = H1ClientCodec | ClientCodec
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One upstream HTTP connection: a client codec and the streams on it."""
 
-    def __init__(self, pool: HttpPool, codec: ClientCodec) -> None:
+    def __init__(self, pool: HttpPool, codec: AnyClientCodec) -> None:
         self.pool = pool
         self.codec = codec
         self.flusher = pool.state.flusher
         self.dirty = False
         self.transport: asyncio.Transport | None = None
-        self.streams: dict[int, StreamCallbacks] = {}
+        self.streams: dict[int, AnyCallbacks] = {}
         self.closing = False
         self.lost = False
         self.local_address = ""
@@ -185,6 +202,7 @@ class UpstreamConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ events
 
     def _dispatch(self, events: list[Event]) -> None:
+        cb: AnyCallbacks | None     # declared: see AnyWriter
         for ev in events:
             t = type(ev)
             if t is Body:
@@ -253,7 +271,7 @@ class UpstreamConnection(asyncio.Protocol):
         if out and self.transport is not None and not self.lost:
             self.transport.write(out)
 
-    def open_stream(self, cb: StreamCallbacks, head: RequestHead, end_stream: bool) -> int:
+    def open_stream(self, cb: AnyCallbacks, head: RequestHead, end_stream: bool) -> int:
         self._cancel_idle()
         sid = self.codec.new_stream()
         self.streams[sid] = cb

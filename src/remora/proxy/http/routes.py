@@ -23,7 +23,7 @@ import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
 from remora.proxy.http.tracing import TracingConfig
 from remora.proxy.http.types import HeaderMap, RequestHead, ResponseHead
@@ -54,12 +54,12 @@ DEFAULT_MAX_DIRECT_RESPONSE_BODY = 4096  # RouteConfiguration.max_direct_respons
 
 # Request headers the fault filter reads when header_delay / header_abort are configured
 # (``source/extensions/filters/common/fault/fault_config.h``).
-FAULT_DELAY_HEADER = "x-envoy-fault-delay-request"
-FAULT_DELAY_PERCENT_HEADER = "x-envoy-fault-delay-request-percentage"
-FAULT_ABORT_HEADER = "x-envoy-fault-abort-request"
-FAULT_ABORT_GRPC_HEADER = "x-envoy-fault-abort-grpc-request"
-FAULT_ABORT_PERCENT_HEADER = "x-envoy-fault-abort-request-percentage"
-DOWNSTREAM_NODE_HEADER = "x-envoy-downstream-service-node"
+FAULT_DELAY_HEADER: Final = "x-envoy-fault-delay-request"
+FAULT_DELAY_PERCENT_HEADER: Final = "x-envoy-fault-delay-request-percentage"
+FAULT_ABORT_HEADER: Final = "x-envoy-fault-abort-request"
+FAULT_ABORT_GRPC_HEADER: Final = "x-envoy-fault-abort-grpc-request"
+FAULT_ABORT_PERCENT_HEADER: Final = "x-envoy-fault-abort-request-percentage"
+DOWNSTREAM_NODE_HEADER: Final = "x-envoy-downstream-service-node"
 
 
 # ----------------------------------------------------------------------------- matchers
@@ -703,8 +703,8 @@ class RouteConfiguration:
         object.__setattr__(self, "index", build_vhost_index(self.virtual_hosts, self.name))
 
 
-_NO_VH = VirtualHost(name="")
-_NO_RC = RouteConfiguration()
+_NO_VH: Final = VirtualHost(name="")
+_NO_RC: Final = RouteConfiguration()
 
 
 def referenced_clusters(rc: RouteConfiguration) -> set[str]:
@@ -1308,7 +1308,7 @@ def fault_decision(fault: FaultConfig | None, head: RequestHead, rng: RandomSour
 
 # ----------------------------------------------------------------------------- timeouts
 
-_GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+_GRPC_UNITS: Final = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 
 def grpc_timeout(head: RequestHead) -> float | None:
@@ -1320,13 +1320,21 @@ def grpc_timeout(head: RequestHead) -> float | None:
     return int(v[:-1]) * _GRPC_UNITS[v[-1]]
 
 
-class Timeouts(NamedTuple):
+@dataclass(slots=True, init=False)
+class Timeouts:
     """The router's per-request timeouts, seconds, 0 = none. ``expected`` is the value for
     ``x-envoy-expected-rq-timeout-ms`` (per-try if set, else global; 0 = do not add)."""
 
     global_: float
     per_try: float
     per_try_idle: float
+
+    # Made per request: written out, since a generated __init__ (or a NamedTuple's __new__)
+    # runs interpreted even when this module is compiled.
+    def __init__(self, global_: float, per_try: float, per_try_idle: float) -> None:
+        self.global_ = global_
+        self.per_try = per_try
+        self.per_try_idle = per_try_idle
 
     @property
     def expected(self) -> float:

@@ -26,7 +26,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
@@ -37,15 +37,15 @@ from remora.proxy.stats import Labels, Stats
 
 Reporter = Literal["source", "destination"]
 
-PEER_METADATA_ID = "x-envoy-peer-metadata-id"
-PEER_METADATA = "x-envoy-peer-metadata"
+PEER_METADATA_ID: Final = "x-envoy-peer-metadata-id"
+PEER_METADATA: Final = "x-envoy-peer-metadata"
 
 #: Istio registers this custom stat namespace: stats are ``istiocustom.istio_requests_total…``
 #: inside Envoy and ``istio_requests_total`` in Prometheus output.
-NAMESPACE = "istiocustom"
+NAMESPACE: Final = "istiocustom"
 
-UNKNOWN = "unknown"
-LATEST = "latest"
+UNKNOWN: Final = "unknown"
+LATEST: Final = "latest"
 
 # Labels in the order the stats filter pushes its tags (istio_stats.cc): reporter, the peer
 # block, then the request block. TCP metrics have no response_code / grpc_response_status.
@@ -56,19 +56,19 @@ _PEER_LABELS = (
     "destination_principal", "destination_app", "destination_version", "destination_service",
     "destination_canonical_service", "destination_canonical_revision",
     "destination_service_name", "destination_service_namespace", "destination_cluster")
-HTTP_LABELS: Labels = (*_PEER_LABELS, "request_protocol", "response_code",
+HTTP_LABELS: Final[Labels] = (*_PEER_LABELS, "request_protocol", "response_code",
                        "grpc_response_status", "response_flags", "connection_security_policy")
-TCP_LABELS: Labels = (*_PEER_LABELS, "request_protocol", "response_flags",
+TCP_LABELS: Final[Labels] = (*_PEER_LABELS, "request_protocol", "response_flags",
                       "connection_security_policy")
 
-REQUESTS_TOTAL = "istio_requests_total"
-REQUEST_DURATION = "istio_request_duration_milliseconds"
-REQUEST_BYTES = "istio_request_bytes"
-RESPONSE_BYTES = "istio_response_bytes"
-TCP_OPENED = "istio_tcp_connections_opened_total"
-TCP_CLOSED = "istio_tcp_connections_closed_total"
-TCP_SENT = "istio_tcp_sent_bytes_total"
-TCP_RECEIVED = "istio_tcp_received_bytes_total"
+REQUESTS_TOTAL: Final = "istio_requests_total"
+REQUEST_DURATION: Final = "istio_request_duration_milliseconds"
+REQUEST_BYTES: Final = "istio_request_bytes"
+RESPONSE_BYTES: Final = "istio_response_bytes"
+TCP_OPENED: Final = "istio_tcp_connections_opened_total"
+TCP_CLOSED: Final = "istio_tcp_connections_closed_total"
+TCP_SENT: Final = "istio_tcp_sent_bytes_total"
+TCP_RECEIVED: Final = "istio_tcp_received_bytes_total"
 
 # Label keys Istio reads from LABELS (metadata_object.h), with the qualified fallbacks.
 CANONICAL_NAME = "service.istio.io/canonical-name"
@@ -164,7 +164,7 @@ def encode_peer_metadata(meta: WorkloadMeta, node_id: str = "") -> dict[str, str
 
 
 _B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
-_CACHE_MAX = 1024
+_CACHE_MAX: Final = 1024
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -262,7 +262,7 @@ class DestinationService:
 
 
 #: Clusters whose name is used as the service name (istio_stats.cc).
-PASSTHROUGH_CLUSTERS = frozenset({
+PASSTHROUGH_CLUSTERS: Final = frozenset({
     "BlackHoleCluster", "PassthroughCluster", "InboundPassthroughCluster",
     "InboundPassthroughClusterIpv4", "InboundPassthroughClusterIpv6"})
 
@@ -282,10 +282,12 @@ def service_of_host(host: str) -> DestinationService:
 # Per-request results kept per input (bounded: the authority comes from the request). The
 # workload objects are keyed by identity and checked on a hit (a frozen dataclass's hash
 # would cost more than the derivation).
-_DEST_CACHE: dict[tuple[str, str, str, int], tuple[WorkloadMeta | None, DestinationService]] = {}
-_LABELS_CACHE: dict[tuple[str, int, int, str, str, str],
-                    tuple[WorkloadMeta, WorkloadMeta | None, Labels]] = {}
-_HTTP_LABELS_CACHE: dict[tuple[int, bool, int, str, str, bool], tuple[Labels, Labels]] = {}
+_DEST_CACHE: Final[dict[tuple[str, str, str, int],
+                         tuple[WorkloadMeta | None, DestinationService]]] = {}
+_LABELS_CACHE: Final[dict[tuple[str, int, int, str, str, str],
+                          tuple[WorkloadMeta, WorkloadMeta | None, Labels]]] = {}
+_HTTP_LABELS_CACHE: Final[dict[tuple[int, bool, int, str, str, bool],
+                               tuple[Labels, Labels]]] = {}
 
 
 def destination_service(cluster: str, *, authority: str = "", route_name: str = "",
@@ -341,7 +343,7 @@ def _namespace_of(principal: str) -> str:
     return rest.split("/", 1)[0]
 
 
-_NO_PEER = WorkloadMeta()
+_NO_PEER: Final = WorkloadMeta()
 
 
 def peer_labels(reporter: Reporter, local: WorkloadMeta, peer: WorkloadMeta | None,

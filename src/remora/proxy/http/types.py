@@ -30,10 +30,10 @@ class HeaderMap:
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._items: list[tuple[str, str]] = [(k.lower(), v) for k, v in items]
 
-    @classmethod
-    def trusted(cls, items: list[tuple[str, str]]) -> HeaderMap:
+    @staticmethod
+    def trusted(items: list[tuple[str, str]]) -> HeaderMap:
         """Adopt ``items`` as is (names already lower-case): the codecs' fast path."""
-        h = cls()
+        h = HeaderMap()
         h._items = items
         return h
 

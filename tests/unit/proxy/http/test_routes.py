@@ -655,11 +655,12 @@ def test_grpc_timeout_header(value: str, want: float | None) -> None:
 
 
 def test_final_timeouts_defaults_and_headers() -> None:
-    assert rt.final_timeouts(rt.RouteAction(cluster="c"), None, req()) == (15.0, 0.0, 0.0)
+    want = rt.Timeouts(15.0, 0.0, 0.0)
+    assert rt.final_timeouts(rt.RouteAction(cluster="c"), None, req()) == want
     assert rt.final_timeouts(rt.RouteAction(cluster="c", timeout=0.0), None, req()).global_ == 0
     pol = rt.RetryPolicy(per_try_timeout=2.0, per_try_idle_timeout=1.0)
     t = rt.final_timeouts(rt.RouteAction(cluster="c", timeout=5.0), pol, req())
-    assert t == (5.0, 2.0, 1.0) and t.expected == 2.0
+    assert t == rt.Timeouts(5.0, 2.0, 1.0) and t.expected == 2.0
     # per-try not below the global timeout is dropped
     assert rt.final_timeouts(rt.RouteAction(cluster="c", timeout=1.0), pol, req()).per_try == 0
     head = req(headers=[("x-envoy-upstream-rq-timeout-ms", "250"),
