@@ -182,7 +182,13 @@ def _status_line(status: int) -> str:
 _STATUS_LINES: Final[dict[int, str]] = {int(s): _status_line(int(s)) for s in http.HTTPStatus}
 
 # Request fields the server codec treats specially (everything else is copied as is).
-_F_HOST, _F_CL, _F_TE, _F_HOP, _F_UPGRADE, _F_TE_HDR, _F_EXPECT = range(7)
+_F_HOST: Final = 0
+_F_CL: Final = 1
+_F_TE: Final = 2
+_F_HOP: Final = 3
+_F_UPGRADE: Final = 4
+_F_TE_HDR: Final = 5
+_F_EXPECT: Final = 6
 _REQUEST_FIELDS: Final[dict[str, int]] = {
     "host": _F_HOST, "content-length": _F_CL, "transfer-encoding": _F_TE,
     "connection": _F_HOP, "keep-alive": _F_HOP, "proxy-connection": _F_HOP,
@@ -200,9 +206,15 @@ _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 _OWS: Final = b" \t"
 
 # Output framing of the message being sent.
-_NONE, _RAW, _CHUNKED = 0, 1, 2
+_NONE: Final = 0
+_RAW: Final = 1
+_CHUNKED: Final = 2
 # Server upgrade states.
-_UP_NONE, _UP_WAIT, _UP_TUNNEL, _UP_REJECTED, _UP_H2C = range(5)
+_UP_NONE: Final = 0
+_UP_WAIT: Final = 1
+_UP_TUNNEL: Final = 2
+_UP_REJECTED: Final = 3
+_UP_H2C: Final = 4
 
 
 def _clean_line(line: str) -> bool:
@@ -218,12 +230,13 @@ def _field_block(items: list[tuple[str, str]]) -> str:
 def _encode_head(parts: list[str]) -> bytes:
     """Join a head whose ``parts`` are each one CRLF-terminated line (the blank one included).
     A name or value holding CR, LF or NUL would let a header inject a message (response
-    splitting): count them in one pass over the joined text, and drop the culprits if any."""
-    text = "".join(parts)
-    lines = len(parts)
-    if text.count("\n") != lines or text.count("\r") != lines or "\0" in text:
-        text = "".join(ln for ln in parts if _clean_line(ln))
-    return text.encode("latin-1", "replace")
+    splitting): each part holds exactly one CR and one LF, so deleting every CR, LF and NUL
+    from the encoded head (one pass in C) must remove exactly two bytes per part; if it
+    removes more, the culprit lines are dropped."""
+    data = "".join(parts).encode("latin-1", "replace")
+    if len(data) - len(data.translate(None, b"\r\n\0")) != 2 * len(parts):
+        data = "".join(ln for ln in parts if _clean_line(ln)).encode("latin-1", "replace")
+    return data
 
 
 def _trailer_bytes(trailers: HeaderMap | None) -> bytes:
@@ -286,6 +299,7 @@ class H1ServerCodec(_Output):
         "_cb",
         "_cl",
         "_closing",
+        "_conn_field",
         "_dead",
         "_err_stream",
         "_expect",
@@ -353,6 +367,7 @@ class H1ServerCodec(_Output):
     def _reset_message(self) -> None:
         self._url = b""
         self._hdrs: list[tuple[str, str]] = []
+        self._conn_field = False            # a Connection (or Proxy-Connection) field came
         self._hsize = 0
         self._hcount = 0
         self._cl: str | None = None
@@ -398,7 +413,8 @@ class H1ServerCodec(_Output):
             self._fail_cb(431, TOO_MANY_HEADERS)
         if self._hsize > self._max_size:
             self._fail_cb(431, HEADERS_TOO_LARGE)
-        n = name.lower().decode("latin-1")
+        # (llhttp takes only token characters in names: ASCII, so str.lower is bytes.lower)
+        n = name.decode("latin-1").lower()
         v = value.decode("latin-1")
         kind = _REQUEST_FIELDS.get(n)
         if kind is None:
@@ -422,7 +438,8 @@ class H1ServerCodec(_Output):
         elif kind == _F_EXPECT:
             self._expect = v.lower() == "100-continue"
             self._hdrs.append((n, v))
-        # else connection / keep-alive / proxy-connection: consumed
+        elif n != "keep-alive":             # connection / proxy-connection: consumed
+            self._conn_field = True
 
     def _on_trailer(self, name: bytes, value: bytes) -> None:
         if self._trailers is None:
@@ -440,13 +457,16 @@ class H1ServerCodec(_Output):
     def _on_headers_complete(self) -> None:
         self._in_head = False
         p = self._parser
-        version = p.get_http_version()
-        if version == "1.1":
-            proto: Protocol = "HTTP/1.1"
-        elif version == "1.0":
-            proto = "HTTP/1.0"
-        else:                               # llhttp takes "HTTP/2.0" or "HTTP/1.2" lines
-            self._fail_cb(400, CODEC_ERROR)
+        keep_alive = p.should_keep_alive()
+        proto: Protocol = "HTTP/1.1"
+        if not keep_alive or self._conn_field:
+            # (Otherwise the version is 1.1: llhttp keeps 1.0, 2.0 and 0.9 alive only when a
+            # Connection field asks; get_http_version formats a string per call.)
+            version = p.get_http_version()
+            if version == "1.0":
+                proto = "HTTP/1.0"
+            elif version != "1.1":          # llhttp takes "HTTP/2.0" and "HTTP/0.9" lines
+                self._fail_cb(400, CODEC_ERROR)
         raw_method = p.get_method()
         method = _METHODS.get(raw_method) or raw_method.decode("latin-1")
         connect = method == "CONNECT"
@@ -483,7 +503,6 @@ class H1ServerCodec(_Output):
                     authority, url = rest, "/"
                 else:
                     authority, url = rest[:slash], rest[slash:]
-        keep_alive = p.should_keep_alive()
         stream = self._rx
         self.protocol = proto
         self._requests[stream] = _Request(method, proto == "HTTP/1.0", keep_alive, upgrade,
@@ -826,6 +845,7 @@ class H1ClientCodec(_Output):
         "_cb",
         "_cl",
         "_close_delimited",
+        "_conn_field",
         "_connect",
         "_dead",
         "_events",
@@ -895,6 +915,7 @@ class H1ClientCodec(_Output):
     def _reset_message(self) -> None:
         self._reason = b""
         self._hdrs: list[tuple[str, str]] = []
+        self._conn_field = False            # a Connection (or Proxy-Connection) field came
         self._hsize = 0
         self._hcount = 0
         self._cl: str | None = None
@@ -997,7 +1018,7 @@ class H1ClientCodec(_Output):
         self._hsize += len(name) + len(value)
         if self._hcount > self._max_count or self._hsize > self._max_size:
             self._fail_cb()
-        n = name.lower().decode("latin-1")
+        n = name.decode("latin-1").lower()      # token characters only: ASCII
         v = value.decode("latin-1")
         if not self._in_head:
             if self._trailers is None:
@@ -1005,7 +1026,9 @@ class H1ClientCodec(_Output):
             self._trailers.append((n, v))
             return
         if n in _HOP_BY_HOP:
-            if n == "transfer-encoding":
+            if n == "connection" or n == "proxy-connection":
+                self._conn_field = True
+            elif n == "transfer-encoding":
                 self._te = v if self._te is None else f"{self._te}, {v}"
             elif n == "upgrade":
                 self._hdrs.append((n, v))   # dropped again unless the status is 101
@@ -1020,7 +1043,10 @@ class H1ClientCodec(_Output):
         self._hsize = 0
         p = self._parser
         status = p.get_status_code()
-        proto: Protocol = "HTTP/1.0" if p.get_http_version() == "1.0" else "HTTP/1.1"
+        keep_alive = p.should_keep_alive()
+        proto: Protocol = "HTTP/1.1"        # see H1ServerCodec._on_headers_complete
+        if (not keep_alive or self._conn_field) and p.get_http_version() == "1.0":
+            proto = "HTTP/1.0"
         stream = self._stream
         hdrs = self._hdrs
         if status != 101 and any(k == "upgrade" for k, _ in hdrs):
@@ -1042,7 +1068,7 @@ class H1ClientCodec(_Output):
         te = self._te
         if te is not None and (te.strip().lower() != "chunked" or self._cl is not None):
             self._fail_cb()                 # Envoy: 501 / 400 rules apply to responses too
-        if not p.should_keep_alive():
+        if not keep_alive:
             self._reusable = False
         self._resp_started = True
         self._partial = False

@@ -213,6 +213,49 @@ def test_http10_closes_by_default() -> None:
     assert not c.keep_alive
 
 
+# The codecs read the version without asking llhttp when the message is kept alive and has no
+# Connection field: every combination of version, Connection and framing must still come out.
+@pytest.mark.parametrize(("version", "fields", "want"), [
+    (b"1.1", b"", "HTTP/1.1"),
+    (b"1.1", b"Connection: close\r\n", "HTTP/1.1"),
+    (b"1.1", b"Connection: keep-alive\r\n", "HTTP/1.1"),
+    (b"1.1", b"Proxy-Connection: keep-alive\r\n", "HTTP/1.1"),
+    (b"1.0", b"", "HTTP/1.0"),
+    (b"1.0", b"Connection: keep-alive\r\n", "HTTP/1.0"),
+    (b"1.0", b"Proxy-Connection: keep-alive\r\n", "HTTP/1.0"),
+    (b"1.0", b"Keep-Alive: timeout=5\r\n", "HTTP/1.0"),
+    (b"1.0", b"Connection: close\r\n", "HTTP/1.0"),
+    (b"2.0", b"", None),
+    (b"2.0", b"Connection: keep-alive\r\n", None),
+    (b"0.9", b"Connection: keep-alive\r\n", None),
+])
+def test_request_version(version: bytes, fields: bytes, want: str | None) -> None:
+    c = H1ServerCodec()
+    events = feed(c, b"GET / HTTP/" + version + b"\r\nHost: a\r\n" + fields + b"\r\n")
+    if want is None:
+        assert isinstance(events[0], ProtocolError) and events[0].status == 400
+        return
+    assert isinstance(events[0], RequestHeaders) and events[0].head.protocol == want
+    assert c.protocol == want
+
+
+@pytest.mark.parametrize(("version", "fields", "want"), [
+    (b"1.1", b"Content-Length: 2\r\n", "HTTP/1.1"),
+    (b"1.1", b"Content-Length: 2\r\nConnection: keep-alive\r\n", "HTTP/1.1"),
+    (b"1.1", b"Content-Length: 2\r\nConnection: close\r\n", "HTTP/1.1"),
+    (b"1.1", b"", "HTTP/1.1"),                          # close-delimited
+    (b"1.0", b"Content-Length: 2\r\n", "HTTP/1.0"),
+    (b"1.0", b"Content-Length: 2\r\nConnection: keep-alive\r\n", "HTTP/1.0"),
+    (b"1.0", b"Content-Length: 2\r\nProxy-Connection: keep-alive\r\n", "HTTP/1.0"),
+    (b"1.0", b"", "HTTP/1.0"),
+])
+def test_response_version(version: bytes, fields: bytes, want: str) -> None:
+    c = H1ClientCodec()
+    c.send_headers(1, get(), True)
+    events = feed(c, b"HTTP/" + version + b" 200 OK\r\n" + fields + b"\r\nok")
+    assert isinstance(events[0], ResponseHeaders) and events[0].head.protocol == want
+
+
 def test_http10_keep_alive() -> None:
     c = H1ServerCodec()
     feed(c, b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
