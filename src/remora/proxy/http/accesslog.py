@@ -639,15 +639,39 @@ def _render_text(pieces: Sequence[Piece], info: StreamInfo, unset: str) -> str:
 # ----------------------------------------------------------------------------- formatters
 
 
-@dataclass(frozen=True, slots=True)
 class TextFormatter:
-    """A compiled text format. ``omit_empty_values``: unset prints as "" instead of "-"."""
+    """A compiled text format. ``omit_empty_values``: unset prints as "" instead of "-".
 
-    pieces: tuple[Piece, ...]
-    omit_empty_values: bool = False
+    Rendering copies ``template`` (the literals, with a placeholder where each operator goes)
+    and fills the operators' slots, instead of walking every piece and telling literals from
+    operators per line."""
+
+    __slots__ = ("omit_empty_values", "pieces", "slots", "template", "unset")
+
+    def __init__(self, pieces: tuple[Piece, ...], omit_empty_values: bool = False) -> None:
+        self.pieces = pieces
+        self.omit_empty_values = omit_empty_values
+        self.unset = "" if omit_empty_values else UNSET
+        self.template = [p if isinstance(p, str) else "" for p in pieces]
+        self.slots = tuple((i, p) for i, p in enumerate(pieces) if isinstance(p, Operator))
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, TextFormatter) and self.pieces == other.pieces
+                and self.omit_empty_values == other.omit_empty_values)
+
+    def __hash__(self) -> int:
+        return hash((self.pieces, self.omit_empty_values))
+
+    def __repr__(self) -> str:
+        return f"TextFormatter(pieces={self.pieces!r}, omit_empty_values={self.omit_empty_values})"
 
     def format(self, info: StreamInfo) -> str:
-        return _render_text(self.pieces, info, "" if self.omit_empty_values else UNSET)
+        out = self.template.copy()
+        unset = self.unset
+        for i, op in self.slots:
+            v = op.value(info)
+            out[i] = unset if v is None else v if isinstance(v, str) else str(v)
+        return "".join(out)
 
 
 # A JSON template node: a literal (non-string) value, a nested object, or a template.
