@@ -1244,6 +1244,7 @@ class _Attempt:
         self.start = loop.time()
         self.loop = loop
         self.status = 0
+        self.active_stat = ""   # the cluster's upstream_rq_active while the request is active
 
     def on_informational(self, head: ResponseHead) -> None:
         s = self.stream
@@ -1275,6 +1276,7 @@ class _Attempt:
     def on_reset(self, reason: str, *, refused: bool) -> None:
         self.done = True
         if not self.headers.done():
+            self._request_ended()
             self.headers.set_result(("reset", (reason, refused)))
         elif self.committed:
             self._complete("reset:" + reason)
@@ -1288,8 +1290,17 @@ class _Attempt:
 
     def _complete(self, how: str) -> None:
         self.done = True
+        self._request_ended()
         if not self.complete.done():
             self.complete.set_result(how)
+
+    def _request_ended(self) -> None:
+        """The upstream request is over (its response ended, or the try was given up on):
+        it stops counting as active for the host (LEAST_REQUEST reads that) and cluster."""
+        if self.active_stat:
+            self.host.stats["rq_active"] -= 1
+            self.stream.hcm.ctx.stats.gauge_add(self.active_stat, -1)
+            self.active_stat = ""
 
     def commit(self, head: ResponseHead, end_stream: bool) -> None:
         """This response goes downstream."""
@@ -1309,6 +1320,7 @@ class _Attempt:
             self._complete("ok")
 
     def abandon(self) -> None:
+        self._request_ended()
         if not self.done:
             self.done = True
             self.conn.abandon(self.sid)
@@ -1582,10 +1594,10 @@ class _Router:
             upstream_head.protocol = "HTTP/2"
         st, cst = self.ctx.stats, self.cluster
         st.inc(cst.stat("upstream_rq_total"))
-        st.gauge_add(cst.stat("upstream_rq_active"), 1)
+        attempt.active_stat = cst.stat("upstream_rq_active")
+        st.gauge_add(attempt.active_stat, 1)
         host.stats["rq_total"] += 1
         host.stats["rq_active"] += 1
-        attempt.complete.add_done_callback(lambda _f: self._rq_done(host))
         body = s.body[: s.sent_upto] if s.retry_ok else []
         pending = s.body[s.sent_upto:] if s.retry_ok else s.body
         end_now = s.request_complete and not body and not pending
@@ -1602,10 +1614,6 @@ class _Router:
             s.conn.resume_reading()
         if s.request_complete and not end_now:
             attempt.conn.send_end(attempt.sid, s.trailers)
-
-    def _rq_done(self, host: Host) -> None:
-        host.stats["rq_active"] -= 1
-        self.ctx.stats.gauge_add(self.cluster.stat("upstream_rq_active"), -1)
 
     async def _forward(self, attempt: _Attempt, head: ResponseHead, end_stream: bool,
                        host: Host, deadline: float | None) -> None:
