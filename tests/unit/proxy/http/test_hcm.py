@@ -19,6 +19,7 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -418,6 +419,79 @@ async def test_abandoned_attempts_end_their_upstream_requests() -> None:
     assert (await env.client().request()).status == 503
     assert (await env.info()).attempt_count == 2
     assert_no_request_active(env, SVC)
+    await env.close()
+
+
+def assert_gauges_settled(env: Any) -> None:
+    """No request is active or pending anywhere once every stream has finished."""
+    active = {k: v for k, v in env.stats.gauges.items()
+              if k.endswith(("rq_active", "rq_pending_active")) and v}
+    assert active == {}
+    for c in env.clusters.values():
+        assert [h.stats["rq_active"] for h in c.hosts if h.stats["rq_active"]] == []
+
+
+async def _never(req: UpReq) -> None:
+    await asyncio.Future()
+
+
+async def _slam(req: UpReq) -> None:
+    await req.complete()
+    req.abort()
+
+
+async def _half(req: UpReq) -> None:
+    await req.complete()
+    req.send_headers(200, [("content-length", "10")])
+    req.send_body(b"abc")
+    req.abort()
+
+
+@pytest.mark.parametrize(("servers", "policy", "route_extra", "want"), [
+    pytest.param({A: Server(), B: Server()}, ISTIO_RETRY, {}, 200, id="ok"),
+    pytest.param({A: Server(refuse=True), B: Server(refuse=True)}, ISTIO_RETRY, {}, 503,
+                 id="connect-failure-retried"),
+    pytest.param({A: Server(_slam), B: Server(_slam)}, {"retry_on": "reset", "num_retries": 2},
+                 {}, 503, id="reset-retried"),
+    pytest.param({A: Server(_never), B: Server(_never)},
+                 {"retry_on": "5xx", "num_retries": 1, "per_try_timeout": "0.02s"}, {}, 504,
+                 id="per-try-timeouts"),
+    pytest.param({A: Server(_never)}, None, {"timeout": "0.02s"}, 504, id="route-timeout"),
+    pytest.param({A: Server(_half)}, None, {}, 200, id="reset-mid-body"),
+])
+def test_gauges_settle_after_every_outcome(servers: dict[Any, Server],
+                                           policy: dict[str, Any] | None,
+                                           route_extra: dict[str, Any], want: int) -> None:
+    @run
+    async def scenario() -> None:
+        extra = dict(route_extra)
+        if policy is not None:
+            extra["retry_policy"] = policy
+        env = make_env(routes=[route(SVC, **extra)], servers=servers,
+                       hosts=tuple(servers))
+        c = env.client()
+        for _ in range(3):
+            try:
+                r = await c.request()
+                assert r.status == want
+            except Exception:           # the mid-body reset also resets the downstream
+                assert want == 200
+                c = env.client()
+        await env.info(3)
+        assert_gauges_settled(env)
+        await env.close()
+    scenario()
+
+
+@run
+async def test_gauges_settle_after_a_downstream_disconnect() -> None:
+    env = make_env(servers={A: Server(_never)})
+    c = env.client()
+    c.send(http1_request())
+    await env.servers[A].request()
+    c.transport.close()
+    await env.info()
+    assert_gauges_settled(env)
     await env.close()
 
 
