@@ -57,19 +57,23 @@ class HeaderMap:
 
     def set(self, name: str, value: str) -> None:
         """Replace every ``name`` field by one (in the first one's place)."""
-        name = name.lower()
-        out: list[tuple[str, str]] = []
-        done = False
-        for k, v in self._items:
-            if k == name:
-                if not done:
-                    out.append((k, value))
-                    done = True
-            else:
-                out.append((k, v))
-        if not done:
-            out.append((name, value))
-        self._items = out
+        if not name.islower():
+            name = name.lower()
+        items = self._items
+        n = len(items)
+        i = 0
+        while i < n and items[i][0] != name:
+            i += 1
+        if i == n:
+            items.append((name, value))
+            return
+        j = i + 1
+        while j < n and items[j][0] != name:
+            j += 1
+        if j == n:                          # the usual case: one field, replaced in place
+            items[i] = (name, value)
+            return
+        self._items = items[:i] + [(name, value)] + [kv for kv in items[i + 1:] if kv[0] != name]
 
     def setdefault(self, name: str, value: str) -> str:
         got = self.get(name)
