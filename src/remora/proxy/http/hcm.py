@@ -1294,9 +1294,15 @@ class _Attempt:
         if not self.complete.done():
             self.complete.set_result(how)
 
+    def request_started(self, active_stat: str) -> None:
+        """The request goes upstream: it counts as active for the host (LEAST_REQUEST
+        reads that) and for the cluster (``active_stat``) until :meth:`_request_ended`."""
+        self.host.stats["rq_active"] += 1
+        self.stream.hcm.ctx.stats.gauge_add(active_stat, 1)
+        self.active_stat = active_stat
+
     def _request_ended(self) -> None:
-        """The upstream request is over (its response ended, or the try was given up on):
-        it stops counting as active for the host (LEAST_REQUEST reads that) and cluster."""
+        """The upstream request is over (its response ended, or the try was given up on)."""
         if self.active_stat:
             self.host.stats["rq_active"] -= 1
             self.stream.hcm.ctx.stats.gauge_add(self.active_stat, -1)
@@ -1594,10 +1600,8 @@ class _Router:
             upstream_head.protocol = "HTTP/2"
         st, cst = self.ctx.stats, self.cluster
         st.inc(cst.stat("upstream_rq_total"))
-        attempt.active_stat = cst.stat("upstream_rq_active")
-        st.gauge_add(attempt.active_stat, 1)
         host.stats["rq_total"] += 1
-        host.stats["rq_active"] += 1
+        attempt.request_started(cst.stat("upstream_rq_active"))
         body = s.body[: s.sent_upto] if s.retry_ok else []
         pending = s.body[s.sent_upto:] if s.retry_ok else s.body
         end_now = s.request_complete and not body and not pending
