@@ -545,13 +545,17 @@ class FakeCluster(UpstreamCluster):
         host.stats["cx_total"] += 1
         host.stats["cx_active"] += 1
         server = self.servers.get(str(host.address))
-        if server is not None:
-            server.connects += 1
-            server.changed.changed()
-            if server.connect_gate is not None:
-                await server.connect_gate
-        else:
-            await asyncio.sleep(0)
+        try:
+            if server is not None:
+                server.connects += 1
+                server.changed.changed()
+                if server.connect_gate is not None:
+                    await server.connect_gate
+            else:
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:      # the waiting request gave up: as connect does
+            self._released(host, local=True)
+            raise
         if server is None or server.refuse:
             st.inc(s["upstream_cx_connect_fail"])
             host.stats["cx_connect_fail"] += 1

@@ -460,6 +460,29 @@ async def test_gauges_settle_after_a_downstream_disconnect() -> None:
 
 
 @run
+async def test_gauges_settle_after_a_disconnect_while_pending() -> None:
+    """The client leaves while its request waits for an upstream connection; the next
+    request is served."""
+    srv = Server()
+    srv.connect_gate = asyncio.get_running_loop().create_future()
+    env = make_env(servers={A: srv})
+    c = env.client()
+    c.send(http1_request())
+    await srv.changed.until(lambda: srv.connects == 1)
+    assert env.stats.gauges[f"cluster.{SVC}.upstream_rq_pending_active"] == 1
+    c.transport.close()
+    await env.info()
+    if not srv.connect_gate.done():         # (giving up the wait may cancel the connect)
+        srv.connect_gate.set_result(None)
+    srv.connect_gate = None
+    assert (await env.client().request()).status == 200
+    await env.info(2)
+    assert_gauges_settled(env)
+    await env.close()
+    assert {k: v for k, v in env.stats.gauges.items() if k.endswith("cx_active") and v} == {}
+
+
+@run
 async def test_503_not_retried_by_istio_defaults() -> None:
     """Since Istio 1.24 retriable_status_codes is empty: a 503 answer goes back as is."""
     async def busy(req: UpReq) -> None:
