@@ -444,6 +444,10 @@ def test_gauges_settle_after_every_outcome(servers: dict[Any, Server],
         await env.info(3)
         assert_gauges_settled(env)
         await env.close()
+        assert {k: v for k, v in env.stats.gauges.items() if k.endswith("cx_active") and v} \
+            == {}
+        assert [h.stats["cx_active"] for c in env.clusters.values() for h in c.hosts
+                if h.stats["cx_active"]] == []
     scenario()
 
 
