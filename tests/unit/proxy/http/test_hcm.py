@@ -1107,6 +1107,33 @@ class H2Client:
 
 
 @run
+async def test_http2_gauges_settle_after_resets_both_ways() -> None:
+    """On one HTTP/2 connection: a stream served, one the client resets while it waits, one
+    the upstream resets: nothing stays active, and the connection still serves."""
+    async def handler(req: UpReq) -> None:
+        if req.head.path == "/hang":
+            await asyncio.Future()
+        if req.head.path == "/slam":
+            await _slam(req)
+            return
+        await ok_handler(req)
+    env = make_env(servers={A: Server(handler)})
+    h = H2Client(env)
+    assert (await h.response(h.request("GET", "/a")))[0].status == 200
+    sid = h.request("GET", "/hang")
+    await env.servers[A].request(2)
+    h.codec.reset(sid)
+    h.flush()
+    await env.info(2)
+    assert (await h.response(h.request("GET", "/slam")))[0].status == 503
+    assert (await h.response(h.request("GET", "/b")))[0].status == 200
+    await env.info(4)
+    assert_gauges_settled(env)
+    assert env.stats.gauges[f"http.{env.config.stat_prefix}.downstream_rq_active"] == 0
+    await env.close()
+
+
+@run
 async def test_http2_prior_knowledge_concurrent_streams() -> None:
     release = asyncio.Event()
 
