@@ -822,6 +822,12 @@ class H1ServerCodec(_Output):
         self._tx_mode = _NONE
 
     @property
+    def input_pending(self) -> bool:
+        """The peer may still be sending what this codec will not read: a request it is in
+        the middle of (answered early), or input that broke the protocol."""
+        return self._in_msg or self._dead
+
+    @property
     def keep_alive(self) -> bool:
         if self._closes_at(self._served) or self._up_state in (_UP_TUNNEL, _UP_H2C):
             return False

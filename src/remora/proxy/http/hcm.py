@@ -69,7 +69,7 @@ HCM_STATS = (
     "downstream_rq_http2_total", "downstream_rq_completed", "downstream_rq_1xx",
     "downstream_rq_2xx", "downstream_rq_3xx", "downstream_rq_4xx", "downstream_rq_5xx",
     "downstream_rq_rx_reset", "downstream_rq_tx_reset", "downstream_rq_timeout",
-    "downstream_rq_idle_timeout",
+    "downstream_rq_idle_timeout", "downstream_cx_delayed_close_timeout",
     "downstream_cx_protocol_error", "no_route", "no_cluster", "rq_direct_response",
     "rq_redirect", "downstream_rq_ws_on_non_ws_route",
 )
@@ -367,6 +367,7 @@ class _Downstream(asyncio.Protocol):
         self.idle = Deadline(loop, cfg_idle, self._idle_expired) if cfg_idle else None
         self._sweep: asyncio.TimerHandle | None = None    # stream idle timeouts
         self._headers_timer: asyncio.TimerHandle | None = None
+        self._delayed_close: asyncio.TimerHandle | None = None   # see close()
 
     # ------------------------------------------------------------------ asyncio protocol
 
@@ -400,6 +401,10 @@ class _Downstream(asyncio.Protocol):
         self.flusher.run()
 
     def eof_received(self) -> bool:
+        if self._delayed_close is not None:     # the peer closed: the delayed close is over
+            self._delayed_close.cancel()
+            self._delayed_close = None
+            return False                        # (the transport closes itself)
         if self.codec is None:
             self.close()
             return False
@@ -424,6 +429,9 @@ class _Downstream(asyncio.Protocol):
         self.closing = True
         self.hcm.ctx.connections.discard(self)
         self._cancel_timers()
+        if self._delayed_close is not None:
+            self._delayed_close.cancel()
+            self._delayed_close = None
         for s in list(self.streams.values()):
             s.downstream_reset("DC")
         self.streams.clear()
@@ -641,7 +649,7 @@ class _Downstream(asyncio.Protocol):
             self.transport.resume_reading()
 
     def close(self) -> None:
-        if self.closing and self.transport is None:
+        if (self.closing and self.transport is None) or self._delayed_close is not None:
             return
         self.closing = True
         self._cancel_timers()
@@ -650,9 +658,25 @@ class _Downstream(asyncio.Protocol):
                 with contextlib.suppress(Exception):
                     self.codec.close()
             self.write_now()
+            delay = self.hcm.config.delayed_close_timeout
+            codec = self.codec
+            if delay > 0 and isinstance(codec, H1ServerCodec) and codec.input_pending:
+                # Envoy's delayed close: the peer may still be sending (an answer came before
+                # its request ended, or its bytes broke the protocol). Closing now with its
+                # bytes unread would reset the connection, and a client still writing could
+                # lose the answer. What it sends is read and dropped (data_received ignores a
+                # closing connection) until it closes, or for delayed_close_timeout.
+                self._delayed_close = self.loop.call_later(delay, self._delayed_close_expired)
+                return
             self.transport.close()
         elif not self.closed.done():
             self.closed.set_result(None)
+
+    def _delayed_close_expired(self) -> None:
+        self._delayed_close = None
+        self.hcm.stats.inc(self.hcm.s["downstream_cx_delayed_close_timeout"])
+        if self.transport is not None:
+            self.transport.close()
 
     def abort(self) -> None:
         self.closing = True

@@ -64,6 +64,9 @@ def make_env(*, routes: list[dict[str, Any]] | None = None, servers: dict[str, S
                     routes or [route(SVC)])]
     servers = servers if servers is not None else {h: Server() for h in hosts}
     clusters = (cluster(SVC, hosts, **(cluster_kw or {})), *extra_clusters)
+    # Envoy's 1 s delayed close would make every test whose client leaves the closing to the
+    # proxy wait that long; the delayed-close tests set their own.
+    hcm.setdefault("delayed_close_timeout", "0.05s")
     return Env(hcm_dict(vhosts, **hcm), clusters, servers)
 
 
@@ -777,6 +780,61 @@ async def test_oversized_headers_431() -> None:
     assert ok.status == 200
     assert not any(req.headers.get("x-big") for req in env.servers[A].requests)
     await env.close()
+
+
+# ------------------------------------------------------------------ delayed close
+
+
+@run
+async def test_delayed_close_waits_for_the_peer_after_an_early_answer() -> None:
+    """A 404 before the request body ended: the connection stays open, reading and dropping
+    what the client still sends, until the client closes (Envoy's delayed_close_timeout)."""
+    env = make_env(routes=[route(SVC, prefix="/only")], delayed_close_timeout="5s")
+    c = env.client()
+    c.send(b"POST /elsewhere HTTP/1.1\r\nhost: svc\r\ncontent-length: 100000\r\n\r\n" +
+           b"x" * 1000)
+    r = await c.response()
+    assert r.status == 404 and r.get("connection") == "close"
+    c.send(b"x" * 5000)                     # still uploading: read and dropped
+    await settle(lambda: False, rounds=50)
+    assert not c.end.eof and not c.end.lost
+    c.shutdown()                            # the client closes: so does the proxy, at once
+    await c.closed(timeout=1.0)
+    assert env.hcounter("downstream_cx_delayed_close_timeout") == 0
+    await env.close()
+
+
+@run
+async def test_delayed_close_times_out() -> None:
+    env = make_env(delayed_close_timeout="0.05s")
+    c = env.client()
+    c.send(http1_request(headers=[("x-big", "a" * (61 * 1024))]))
+    r = await c.response()
+    assert r.status == 431
+    await c.closed(timeout=2.0)
+    assert env.hcounter("downstream_cx_delayed_close_timeout") == 1
+    await env.close()
+
+
+@pytest.mark.parametrize("delay", ["5s", "0s"])
+def test_no_delayed_close_when_nothing_more_can_come(delay: str) -> None:
+    """A request read whole and answered with connection: close closes at once, and a
+    delayed_close_timeout of 0 turns the delay off."""
+    @run
+    async def scenario() -> None:
+        env = make_env(routes=[route(SVC, prefix="/only")], delayed_close_timeout=delay)
+        c = env.client()
+        r = await c.request(headers=[("connection", "close")])
+        assert r.status == 404
+        await c.closed(timeout=1.0)
+        if delay == "0s":                   # answered early, yet closed at once
+            c = env.client()
+            c.send(b"POST / HTTP/1.1\r\nhost: svc\r\ncontent-length: 10\r\n\r\nx")
+            assert (await c.response()).status == 404
+            await c.closed(timeout=1.0)
+        assert env.hcounter("downstream_cx_delayed_close_timeout") == 0
+        await env.close()
+    scenario()
 
 
 @run
