@@ -667,6 +667,9 @@ class _Downstream(asyncio.Protocol):
                 # lose the answer. What it sends is read and dropped (data_received ignores a
                 # closing connection) until it closes, or for delayed_close_timeout.
                 self._delayed_close = self.loop.call_later(delay, self._delayed_close_expired)
+                if self.read_paused:            # (flow control had stopped reading)
+                    self.read_paused = False
+                    self.transport.resume_reading()
                 return
             self.transport.close()
         elif not self.closed.done():

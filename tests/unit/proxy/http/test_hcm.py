@@ -805,6 +805,31 @@ async def test_delayed_close_waits_for_the_peer_after_an_early_answer() -> None:
 
 
 @run
+async def test_delayed_close_reads_again_what_flow_control_paused() -> None:
+    """The upstream stopped reading an upload, so the proxy stopped reading the client; then
+    the route timed out. While the close is delayed the client's bytes are read and dropped:
+    otherwise they could not drain, and the close would reset anyway."""
+    async def stall(req: UpReq) -> None:
+        req.conn.transport.pause_reading()      # the upstream app takes nothing more
+        await asyncio.Future()
+    env = make_env(servers={A: Server(stall)}, routes=[route(SVC, timeout="0.2s")],
+                   delayed_close_timeout="5s")
+    c = env.client()
+    c.send(b"POST / HTTP/1.1\r\nhost: svc\r\ncontent-length: 100000000\r\n\r\n")
+    for _ in range(64):
+        c.send(b"x" * 65536)
+    proxy_side = c.server_side
+    assert await settle(lambda: proxy_side.paused), "the upload was never paused"
+    r = await c.response()
+    assert r.status == 504
+    assert await settle(lambda: not proxy_side.paused), "still paused during the delay"
+    assert not c.end.eof and not c.end.lost
+    c.shutdown()
+    await c.closed(timeout=1.0)
+    await env.close()
+
+
+@run
 async def test_delayed_close_times_out() -> None:
     env = make_env(delayed_close_timeout="0.05s")
     c = env.client()
