@@ -48,6 +48,11 @@ def bootstrap(tmp: Path, delayed_close: str | None) -> Path:
     return path
 
 
+def listening_port(proxy: Proxy) -> int:
+    ready = proxy.wait_line(r"remora proxy ready: .* listeners=(\S+)")
+    return int(re.split(r"[:,]", ready.group(1))[1])
+
+
 def oversized_then_read(port: int) -> tuple[bytes, str]:
     """Send a 200 KB head in full, then read to the end: (what came, how it ended)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -66,9 +71,7 @@ def test_an_early_answer_to_a_client_still_sending_ends_cleanly(
         tmp_path: Path, delayed_close: str | None) -> None:
     proxy = Proxy(bootstrap(tmp_path, delayed_close))
     try:
-        ready = proxy.wait_line(r"remora proxy ready: .* listeners=(\S+)")
-        port = int(re.split(r"[:,]", ready.group(1))[1])
-        got, end = oversized_then_read(port)
+        got, end = oversized_then_read(listening_port(proxy))
         assert got.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
         assert got.endswith(b"\r\n\r\nRequest Header Fields Too Large")
         assert end == "eof"
@@ -80,8 +83,7 @@ def test_without_the_delay_the_kernel_resets(tmp_path: Path) -> None:
     """delayed_close_timeout 0 (Envoy: no delayed close) shows what the delay prevents."""
     proxy = Proxy(bootstrap(tmp_path, "0s"))
     try:
-        ready = proxy.wait_line(r"remora proxy ready: .* listeners=(\S+)")
-        port = int(re.split(r"[:,]", ready.group(1))[1])
+        port = listening_port(proxy)
         ends = {oversized_then_read(port)[1] for _ in range(3)}
         assert "reset" in ends
     finally:
