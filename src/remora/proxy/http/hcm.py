@@ -402,8 +402,7 @@ class _Downstream(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         if self._delayed_close is not None:     # the peer closed: the delayed close is over
-            self._delayed_close.cancel()
-            self._delayed_close = None
+            self._cancel_timers()
             return False                        # (the transport closes itself)
         if self.codec is None:
             self.close()
@@ -429,9 +428,6 @@ class _Downstream(asyncio.Protocol):
         self.closing = True
         self.hcm.ctx.connections.discard(self)
         self._cancel_timers()
-        if self._delayed_close is not None:
-            self._delayed_close.cancel()
-            self._delayed_close = None
         for s in list(self.streams.values()):
             s.downstream_reset("DC")
         self.streams.clear()
@@ -752,6 +748,9 @@ class _Downstream(asyncio.Protocol):
         if self._headers_timer is not None:
             self._headers_timer.cancel()
             self._headers_timer = None
+        if self._delayed_close is not None:
+            self._delayed_close.cancel()
+            self._delayed_close = None
 
 
 class _Stream:
