@@ -84,6 +84,21 @@ def flags(info: Any) -> set[str]:
     return set(info.response_flags)
 
 
+# Upstream handlers several tests share.
+async def _never(req: UpReq) -> None:
+    await asyncio.Future()
+
+
+async def _busy(req: UpReq) -> None:
+    await req.complete()
+    req.respond(503, b"busy")
+
+
+async def _slam(req: UpReq) -> None:
+    await req.complete()
+    req.abort()
+
+
 # ============================================================================ the happy path
 
 
@@ -347,10 +362,7 @@ async def test_upstream_closes_before_headers_503_uc() -> None:
 @run
 async def test_reset_retried_by_a_reset_policy() -> None:
     """A VirtualService with retryOn: reset (the netns 'flaky' service), in memory."""
-    async def slam(req: UpReq) -> None:
-        await req.complete()
-        req.abort()
-    servers = {A: Server(slam), B: Server()}
+    servers = {A: Server(_slam), B: Server()}
     policy = {"retry_on": "reset,connect-failure", "num_retries": 3,
               "retry_host_predicate": ISTIO_RETRY["retry_host_predicate"],
               "host_selection_retry_max_attempts": "5"}
@@ -365,10 +377,7 @@ async def test_reset_retried_by_a_reset_policy() -> None:
 
 @run
 async def test_retriable_status_codes_503_then_other_host() -> None:
-    async def busy(req: UpReq) -> None:
-        await req.complete()
-        req.respond(503, b"busy")
-    servers = {A: Server(busy), B: Server()}
+    servers = {A: Server(_busy), B: Server()}
     policy = dict(ISTIO_RETRY, retriable_status_codes=[503])
     env = make_env(routes=[route(SVC, retry_policy=policy)], servers=servers, hosts=(A, B))
     c = env.client()
@@ -388,20 +397,6 @@ def assert_gauges_settled(env: Any) -> None:
     assert active == {}
     for c in env.clusters.values():
         assert [h.stats["rq_active"] for h in c.hosts if h.stats["rq_active"]] == []
-
-
-async def _never(req: UpReq) -> None:
-    await asyncio.Future()
-
-
-async def _busy(req: UpReq) -> None:
-    await req.complete()
-    req.respond(503, b"busy")
-
-
-async def _slam(req: UpReq) -> None:
-    await req.complete()
-    req.abort()
 
 
 async def _half(req: UpReq) -> None:
@@ -492,10 +487,7 @@ async def test_gauges_settle_after_a_disconnect_while_pending() -> None:
 @run
 async def test_503_not_retried_by_istio_defaults() -> None:
     """Since Istio 1.24 retriable_status_codes is empty: a 503 answer goes back as is."""
-    async def busy(req: UpReq) -> None:
-        await req.complete()
-        req.respond(503, b"busy")
-    servers = {A: Server(busy), B: Server(busy)}
+    servers = {A: Server(_busy), B: Server(_busy)}
     env = make_env(routes=[route(SVC, retry_policy=ISTIO_RETRY)], servers=servers,
                    hosts=(A, B))
     r = await env.client().request()
@@ -541,9 +533,7 @@ async def test_retry_replays_a_body_still_streaming() -> None:
 
 @run
 async def test_per_try_timeout_retried_then_504_ut_urx() -> None:
-    async def never(req: UpReq) -> None:
-        await asyncio.Future()
-    servers = {A: Server(never), B: Server(never)}
+    servers = {A: Server(_never), B: Server(_never)}
     policy = {"retry_on": "5xx", "num_retries": 1, "per_try_timeout": "0.05s"}
     env = make_env(routes=[route(SVC, retry_policy=policy)], servers=servers, hosts=(A, B))
     r = await env.client().request()
@@ -560,9 +550,7 @@ async def test_per_try_timeout_retried_then_504_ut_urx() -> None:
 
 @run
 async def test_route_timeout_504_ut() -> None:
-    async def never(req: UpReq) -> None:
-        await asyncio.Future()
-    env = make_env(routes=[route(SVC, timeout="0.05s")], servers={A: Server(never)})
+    env = make_env(routes=[route(SVC, timeout="0.05s")], servers={A: Server(_never)})
     c = env.client()
     r = await c.request()
     assert r.status == 504 and r.body == b"upstream request timeout"
@@ -724,9 +712,7 @@ async def test_direct_response_and_redirect() -> None:
 
 @run
 async def test_downstream_disconnect_dc_resets_upstream() -> None:
-    async def never(req: UpReq) -> None:
-        await asyncio.Future()
-    env = make_env(servers={A: Server(never)})
+    env = make_env(servers={A: Server(_never)})
     c = env.client()
     c.send(http1_request())
     up = await env.servers[A].request()
@@ -1574,9 +1560,7 @@ async def test_client_gone_mid_request_body_is_dc_not_a_protocol_error() -> None
 async def test_stream_idle_timeout_408_si() -> None:
     """``stream_idle_timeout``: no byte either way for that long → 408 ``stream timeout``,
     flag SI (Envoy default 5 min; Istio sets 0s)."""
-    async def never(req: UpReq) -> None:
-        await asyncio.Future()
-    env = make_env(stream_idle_timeout="0.05s", servers={A: Server(never)})
+    env = make_env(stream_idle_timeout="0.05s", servers={A: Server(_never)})
     c = env.client()
     r = await c.request()
     assert r.status == 408 and r.body == b"stream timeout"
@@ -1616,10 +1600,8 @@ async def test_request_timeout_408_while_the_body_is_still_coming() -> None:
 
 @run
 async def test_max_stream_duration_408_dt() -> None:
-    async def never(req: UpReq) -> None:
-        await asyncio.Future()
     env = make_env(common_http_protocol_options={"max_stream_duration": "0.05s"},
-                   servers={A: Server(never)})
+                   servers={A: Server(_never)})
     r = await env.client().request()
     assert r.status == 408 and r.body == b"downstream duration timeout"
     info = await env.info()
