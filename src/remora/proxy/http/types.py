@@ -16,9 +16,25 @@ from __future__ import annotations
 import typing
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Final, Literal
 
 Protocol = Literal["HTTP/1.0", "HTTP/1.1", "HTTP/2"]
+
+# Names given to add/set/remove, lowered once: they come from the code and the config (the
+# codecs build maps with :meth:`HeaderMap.trusted`), so there are few of them, and a dict hit
+# on a str whose hash is cached is cheaper than ``str.islower`` (a Unicode database lookup per
+# character) or ``str.lower`` (a new string) on every call. Bounded all the same.
+_LOWERED: Final[dict[str, str]] = {}
+_LOWERED_MAX: Final = 4096
+
+
+def lower_name(name: str) -> str:
+    low = _LOWERED.get(name)
+    if low is None:
+        low = name.lower()
+        if len(_LOWERED) < _LOWERED_MAX:
+            _LOWERED[name] = low
+    return low
 
 
 class HeaderMap:
@@ -53,12 +69,11 @@ class HeaderMap:
         return False
 
     def add(self, name: str, value: str) -> None:
-        self._items.append((name.lower(), value))
+        self._items.append((lower_name(name), value))
 
     def set(self, name: str, value: str) -> None:
         """Replace every ``name`` field by one (in the first one's place)."""
-        if not name.islower():
-            name = name.lower()
+        name = lower_name(name)
         items = self._items
         n = len(items)
         i = 0
@@ -83,7 +98,7 @@ class HeaderMap:
         return got
 
     def remove(self, name: str) -> None:
-        name = name.lower()
+        name = lower_name(name)
         if name in self:
             self._items = [(k, v) for k, v in self._items if k != name]
 

@@ -43,3 +43,18 @@ def test_remove_and_contains(items: list[tuple[str, str]], name: str) -> None:
     h.remove(name)
     assert low not in h and h.get(low) is None
     assert h.items() == [(k.lower(), v) for k, v in items if k.lower() != low]
+
+
+def test_names_are_lowered_past_the_lowering_cache_bound() -> None:
+    # lower_name caches what it lowered up to a bound; names beyond it must still be lowered
+    # (and the cache must not grow without limit from, say, config churn)
+    from remora.proxy.http import types
+    h = HeaderMap()
+    for i in range(types._LOWERED_MAX + 50):
+        h.add(f"X-Extra-{i}", "v")
+        h.set(f"X-Other-{i}", "w")
+    assert len(types._LOWERED) <= types._LOWERED_MAX
+    names = [k for k, _ in h.items()]
+    last = types._LOWERED_MAX + 49
+    assert names[-2:] == [f"x-extra-{last}", f"x-other-{last}"]
+    assert all(n.islower() for n in names)
