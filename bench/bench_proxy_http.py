@@ -31,9 +31,9 @@ Targets, each proxy with ONE worker (nginx `worker_processes 1`, HAProxy `nbthre
   * haproxy         `mode http`, `option httplog`, `log stdout format raw` (a write per
                     request: HAProxy has no buffered file log), X-Forwarded-Proto and a uuid
                     X-Request-Id set; server connections reused (http-reuse safe, stock);
-  * remora static   a listener → HCM (route_config, istio.metadata_exchange, fault, cors,
-                    istio.stats, router; Istio's access log format) → a STATIC cluster: the
-                    same shape as the two references;
+  * remora static   a listener → HCM (route_config, istio.metadata_exchange, grpc_stats,
+                    fault, cors, istio.stats, router; Istio's access log format) → a STATIC
+                    cluster: the same shape as the two references;
   * remora capture  the sidecar path, one hop: app in the client pod → iptables capture →
                     sidecar A (Istio-shaped outbound config, routing by Host) → upstream;
   * nginx x2        two nginx (the config above) chained on the client side: the references'
@@ -284,6 +284,9 @@ def _http_filters() -> list[dict[str, Any]]:
         {"name": "istio.metadata_exchange", "typed_config": {
             "@type": ts, "type_url": "type.googleapis.com/io.istio.http.metadata_exchange.Config",
             "value": {}}},
+        {"name": "envoy.filters.http.grpc_stats", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3."
+                     "FilterConfig", "emit_filter_state": True, "stats_for_all_methods": True}},
         {"name": "envoy.filters.http.fault", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}},
         {"name": "envoy.filters.http.cors", "typed_config": {

@@ -110,6 +110,9 @@ def _http_filters() -> list[dict[str, Any]]:
             "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
             "type_url": "type.googleapis.com/io.istio.http.metadata_exchange.Config",
             "value": {}}},
+        {"name": "envoy.filters.http.grpc_stats", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3."
+                     "FilterConfig", "emit_filter_state": True, "stats_for_all_methods": True}},
         {"name": "istio.stats", "typed_config": {
             "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
             "type_url": "type.googleapis.com/stats.PluginConfig", "value": {}}},
@@ -596,16 +599,34 @@ def test_access_log_in_istio_format(mesh: Mesh) -> None:
     assert f" {SERVICES['demoappv11'][0]}:8080 {POD_A}:" in line, line
 
 
+def _grpc_messages(text: str, reporter: str) -> tuple[int, int]:
+    """istio_request/response_messages_total between the client and grpc workloads."""
+    got = []
+    for metric in ("istio_request_messages_total", "istio_response_messages_total"):
+        got.append(sum(int(float(ln.rsplit(" ", 1)[1])) for ln in text.splitlines()
+                       if ln.startswith(metric + "{") and f'reporter="{reporter}"' in ln
+                       and 'source_workload="client"' in ln
+                       and 'destination_workload="grpc"' in ln))
+    return got[0], got[1]
+
+
 def test_istio_metrics_name_both_workloads(mesh: Mesh) -> None:
     """Peer metadata crossed both sidecars: the server side reports the client workload and
-    the client side the server workload, with Istio's label names."""
+    the client side the server workload, with Istio's label names; both count the calls'
+    gRPC messages (grpc_stats, then istio.stats)."""
     argv = ["setpriv", f"--reuid={APP_UID}", f"--regid={APP_UID}", "--clear-groups",
             sys.executable, "-m", "tests.netns.http_tools", "grpc-call",
             "--target", f"{GRPC_VIP}:9090", "--authority", f"grpc.{NS}:9090",
-            "--messages", "1"]
+            "--messages", "3"]
+    before = (_grpc_messages(mesh.admin(mesh.a, "/stats/prometheus"), "source"),
+              _grpc_messages(mesh.admin(mesh.b, "/stats/prometheus"), "destination"))
     assert mesh.a.run(argv, timeout=60, check=False, env=_tool_env()).returncode == 0
     b = mesh.admin(mesh.b, "/stats/prometheus")
     a = mesh.admin(mesh.a, "/stats/prometheus")
+    # one unary call (1 message each way) and a stream of 3 echoed messages
+    for side, text, reporter in ((0, a, "source"), (1, b, "destination")):
+        req, resp = _grpc_messages(text, reporter)
+        assert (req - before[side][0], resp - before[side][1]) == (4, 4), (reporter, text)
     dest = [ln for ln in b.splitlines() if ln.startswith("istio_requests_total{")]
     assert dest, b[:2000]
     assert any('reporter="destination"' in ln and 'source_workload="client"' in ln

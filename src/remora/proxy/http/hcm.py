@@ -35,6 +35,7 @@ from mypy_extensions import mypyc_attr
 
 from remora.proxy.http import accesslog, telemetry, tracing
 from remora.proxy.http import routes as rt
+from remora.proxy.http.grpcstats import GrpcStream
 from remora.proxy.http.h1 import H1ServerCodec
 from remora.proxy.http.pool import ClusterHttpState, Flusher, HttpPool, UpstreamConnection
 from remora.proxy.http.types import (
@@ -253,7 +254,15 @@ class HttpConnectionManager:
         for n in HCM_GAUGES:
             ctx.stats.declare(scope + n, "gauge")
         self.loggers = accesslog.open_access_logs(config.access_logs, ctx.writers)
-        self.istio_stats = config.filter("istio.stats") is not None
+        istio_stats = config.filter("istio.stats")
+        self.istio_stats = istio_stats is not None
+        # Istio's stats filter reports a gRPC stream's message counts at its end and every
+        # tcp_reporting_duration while it lasts (istio_stats.cc, "5s" by default).
+        self.report_interval = telemetry.reporting_duration(
+            istio_stats.config if istio_stats is not None else None)
+        self.grpc_stats: rt.GrpcStatsConfig | None = next(
+            (f.config for f in config.http_filters
+             if isinstance(f.config, rt.GrpcStatsConfig) and not f.disabled), None)
         self.exchange = any(config.filter(n) is not None for n in EXCHANGE_FILTERS)
         self.outbound = direction != "INBOUND"
         self.reporter: telemetry.Reporter = "source" if self.outbound else "destination"
@@ -306,12 +315,31 @@ class HttpConnectionManager:
                 node_id=self.ctx.node_id, local_ip=local.rsplit(":", 1)[0].strip("[]"),
                 now_us=int(time.time() * 1e6)))
         if self.istio_stats:
+            self.report_messages(s)
             auth = info.request.authority if info.request is not None else ""
             telemetry.record_http(
                 self.stats, reporter=self.reporter, local=self.ctx.local, peer=s.peer_meta,
                 info=info, destination_service=telemetry.destination_service(
                     info.upstream_cluster, authority=auth, route_name=info.route_name,
                     local=self.ctx.local))
+
+    def report_messages(self, s: _Stream) -> None:
+        """Istio's ``istio_request_messages_total`` / ``istio_response_messages_total``: the
+        gRPC message counts the grpc_stats filter left since the last report, labelled with
+        the reporter and peer labels only (Istio reports them before it adds the request
+        labels)."""
+        g = s.grpc
+        deltas = g.message_deltas() if g is not None else None
+        if deltas is None:
+            return
+        info = s.info
+        auth = info.request.authority if info.request is not None else ""
+        service = telemetry.destination_service(
+            info.upstream_cluster, authority=auth, route_name=info.route_name,
+            local=self.ctx.local)
+        labels = telemetry.peer_labels(self.reporter, self.ctx.local, s.peer_meta, service)
+        telemetry.record_grpc_messages(self.stats, labels, requests=deltas[0],
+                                       responses=deltas[1])
 
     async def handle(self, sock: socket.socket, record: ConnectionRecord, *,
                      restored: SocketAddress | None, initial: bytes = b"",
@@ -794,6 +822,8 @@ class _Stream:
         self.peer_sent_metadata = False
         self.finished = False
         self.tunnel = False                  # HTTP/1 upgrade / CONNECT accepted: raw bytes
+        self.grpc: GrpcStream | None = None  # the grpc_stats filter's state (gRPC requests)
+        self._report_timer: asyncio.TimerHandle | None = None
 
     @classmethod
     def for_error(cls, conn: _Downstream, ev: ProtocolError) -> _Stream:
@@ -813,6 +843,11 @@ class _Stream:
         st.inc(s["downstream_rq_http2_total" if self.head.protocol == "HTTP/2"
                  else "downstream_rq_http1_total"])
         st.gauge_add(s["downstream_rq_active"], 1)
+        if hcm.grpc_stats is not None and rt.is_grpc_request(self.head):
+            self.grpc = GrpcStream(hcm.grpc_stats, self.head.path)
+            if hcm.istio_stats and hcm.grpc_stats.emit_filter_state and hcm.report_interval:
+                self._report_timer = self.conn.loop.call_later(hcm.report_interval,
+                                                               self._report_tick)
         codec = self.conn.codec
         if self.expect_continue and not hcm.config.proxy_100_continue and codec is not None:
             # proxy_100_continue false (Envoy's default): Envoy answers "100 Continue" itself
@@ -862,13 +897,26 @@ class _Stream:
             self.task.cancel()
 
     def _cancel_timers(self) -> None:
-        for t in (self._request_timer, self._duration_timer):
+        for t in (self._request_timer, self._duration_timer, self._report_timer):
             if t is not None:
                 t.cancel()
-        self._request_timer = self._duration_timer = None
+        self._request_timer = self._duration_timer = self._report_timer = None
+
+    def _report_tick(self) -> None:
+        """Istio's periodic report of a long gRPC stream's message counts: once the peer is
+        known (its metadata came), every reporting interval; the rest at the end."""
+        if self.finished:
+            return
+        if self.peer_meta is not None:
+            self.hcm.report_messages(self)
+        self._report_timer = self.conn.loop.call_later(self.hcm.report_interval,
+                                                       self._report_tick)
 
     def request_body(self, data: bytes) -> None:
         self.info.bytes_received += len(data)
+        g = self.grpc
+        if g is not None:
+            g.request_data(data)
         if self.idle_timeout:
             self.last_activity = self.conn.loop.time()
         a = self.attempt
@@ -1023,6 +1071,10 @@ class _Stream:
         assert action is not None and rc is not None and vh is not None
         name, weight = rt.route_cluster(action, head, hcm.ctx.rng)
         self.weight = weight
+        if self.grpc is not None and name:
+            routed = hcm.ctx.clusters.get(name)
+            if routed is not None:
+                self.grpc.bind(hcm.stats, routed.config.observability_name)
         fault = self._fault(rc, vh, route, weight, name)
         if fault is not None:
             delay, abort, grpc_status = fault
@@ -1111,6 +1163,8 @@ class _Stream:
         if codec is None or self.conn.closing:
             return
         self._response_headers(head)
+        if self.grpc is not None:
+            self.grpc.response_headers(head, end_stream)
         self.response_started = True
         self.info.response = head
         self.info.response_code = head.status
@@ -1153,6 +1207,8 @@ class _Stream:
         self.info.bytes_sent += len(data)
         if self.idle_timeout:
             self.last_activity = self.conn.loop.time()
+        if self.grpc is not None:
+            self.grpc.response_data(data)
         codec.send_body(self.id, data)
         self.conn.flush()
         if self.conn.write_paused or codec.buffered(self.id):
@@ -1165,6 +1221,8 @@ class _Stream:
         self.response_done = True
         if trailers is not None:
             self.info.response_trailers = trailers
+            if self.grpc is not None:
+                self.grpc.response_trailers(trailers)
         if codec is None or self.conn.closing:
             return
         codec.send_end(self.id, trailers)

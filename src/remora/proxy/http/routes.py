@@ -735,7 +735,19 @@ class RouterConfig:
     strict_check_headers: tuple[str, ...] = ()
 
 
-HttpFilterConfig = RouterConfig | FaultConfig | OpaqueFilterConfig
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GrpcStatsConfig:
+    """``envoy.extensions.filters.http.grpc_stats.v3.FilterConfig``. ``allowlist``: the
+    ``individual_method_stats_allowlist`` as (service, method) pairs, None when not set;
+    ``stats_for_all_methods`` unset means false (Envoy's default since 1.18)."""
+
+    emit_filter_state: bool = False
+    stats_for_all_methods: bool = False
+    allowlist: frozenset[tuple[str, str]] | None = None
+    replace_dots_in_grpc_service_name: bool = False
+
+
+HttpFilterConfig = RouterConfig | FaultConfig | GrpcStatsConfig | OpaqueFilterConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

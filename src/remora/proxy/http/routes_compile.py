@@ -34,7 +34,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.request_id.uuid.v3 import uuid_pb2  # noqa: F401
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
 from envoy.service.discovery.v3 import discovery_pb2
-from google.protobuf import json_format, symbol_database
+from google.protobuf import duration_pb2, json_format, symbol_database
 from google.protobuf.message import Message
 from udpa.type.v1 import typed_struct_pb2  # noqa: F401
 from xds.type.v3 import typed_struct_pb2 as xds_typed_struct_pb2  # noqa: F401
@@ -180,9 +180,10 @@ HTTP_SUPPORTED: dict[str, str | frozenset[str]] = {
     "envoy.extensions.filters.common.fault.v3.FaultDelay": frozenset({
         "fixed_delay", "header_delay", "percentage"}),
     "envoy.extensions.filters.common.fault.v3.FaultDelay.HeaderDelay": frozenset(),
-    # Accepted, no effect in Remora (Istio's chain carries them).
+    # Accepted, no effect in Remora (Istio's chain carries it).
     "envoy.extensions.filters.http.cors.v3.Cors": frozenset(),
     "envoy.extensions.filters.http.cors.v3.CorsPolicy": ANY_FIELDS,
+    # (enable_upstream_stats is refused when true by compile_grpc_stats)
     "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig": frozenset({
         "emit_filter_state", "stats_for_all_methods", "enable_upstream_stats",
         "replace_dots_in_grpc_service_name", "individual_method_stats_allowlist"}),
@@ -208,8 +209,8 @@ ISTIO_FILTER_TYPES = frozenset({
 })
 _ROUTER = "envoy.extensions.filters.http.router.v3.Router"
 _FAULT = "envoy.extensions.filters.http.fault.v3.HTTPFault"
-_NOOP_FILTERS = frozenset({"envoy.extensions.filters.http.cors.v3.Cors",
-                           "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig"})
+_GRPC_STATS = "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig"
+_NOOP_FILTERS = frozenset({"envoy.extensions.filters.http.cors.v3.Cors"})
 _TYPED_STRUCTS = frozenset({"udpa.type.v1.TypedStruct", "xds.type.v3.TypedStruct"})
 # Filters that may be named without a typed_config (Envoy then uses their empty config).
 _BY_NAME = {
@@ -796,6 +797,8 @@ def _http_filter(msg: Message, path: str) -> rt.HttpFilter:
             strict_check_headers=tuple(h.lower() for h in cfg.strict_check_headers))
     elif kind == _FAULT:
         config = compile_fault(cfg, where)
+    elif kind == _GRPC_STATS:
+        config = compile_grpc_stats(cfg, where)
     elif kind in _NOOP_FILTERS:
         check_http_supported(cfg, where)
         config = rt.OpaqueFilterConfig(
@@ -806,12 +809,46 @@ def _http_filter(msg: Message, path: str) -> rt.HttpFilter:
         if inner not in ISTIO_FILTER_TYPES:
             raise BadInput(f"unsupported {where}: TypedStruct for {inner or '(no type_url)'} "
                            "is not implemented")
-        config = rt.OpaqueFilterConfig(type_url=inner,
-                                       value=json_format.MessageToDict(cfg.value))
+        value = json_format.MessageToDict(cfg.value)
+        if inner == "stats.PluginConfig":
+            _check_reporting_duration(value, where)
+        config = rt.OpaqueFilterConfig(type_url=inner, value=value)
     else:
         raise BadInput(f"unsupported {where}: {kind} is not implemented")
     return rt.HttpFilter(name=msg.name, config=config, disabled=msg.disabled,
                          is_optional=msg.is_optional)
+
+
+def _check_reporting_duration(value: dict[str, Any], where: str) -> None:
+    """istio.stats' ``tcp_reporting_duration`` must be a proto-JSON duration ("5s")."""
+    for key in ("tcp_reporting_duration", "tcpReportingDuration"):
+        raw = value.get(key)
+        if raw is None:
+            continue
+        try:
+            if not isinstance(raw, str):
+                raise ValueError(raw)
+            duration_pb2.Duration().FromJsonString(raw)
+        except ValueError:
+            raise BadInput(f"{where}.value.{key}: {raw!r} is not a duration such as "
+                           "\"5s\"") from None
+
+
+def compile_grpc_stats(cfg: Message, where: str) -> rt.GrpcStatsConfig:
+    """The gRPC statistics filter. ``enable_upstream_stats`` (an ``upstream_rq_time``
+    histogram per method) is not implemented and refused when true."""
+    check_http_supported(cfg, where)
+    if cfg.enable_upstream_stats:
+        raise BadInput(f"unsupported {where}.enable_upstream_stats: true is not implemented")
+    allowlist: frozenset[tuple[str, str]] | None = None
+    if cfg.HasField("individual_method_stats_allowlist"):
+        services = cfg.individual_method_stats_allowlist.services
+        allowlist = frozenset((svc.name, m) for svc in services for m in svc.method_names)
+    return rt.GrpcStatsConfig(
+        emit_filter_state=cfg.emit_filter_state,
+        stats_for_all_methods=_wrapped(cfg, "stats_for_all_methods", False),
+        allowlist=allowlist,
+        replace_dots_in_grpc_service_name=cfg.replace_dots_in_grpc_service_name)
 
 
 def _http_filters(msgs: Iterable[Message], path: str) -> tuple[rt.HttpFilter, ...]:

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar
 
-from google.protobuf import struct_pb2
+from google.protobuf import duration_pb2, struct_pb2
 from google.protobuf.message import DecodeError
 
 from remora.proxy.http.accesslog import response_flags_text
@@ -69,6 +69,12 @@ TCP_OPENED: Final = "istio_tcp_connections_opened_total"
 TCP_CLOSED: Final = "istio_tcp_connections_closed_total"
 TCP_SENT: Final = "istio_tcp_sent_bytes_total"
 TCP_RECEIVED: Final = "istio_tcp_received_bytes_total"
+REQUEST_MESSAGES: Final = "istio_request_messages_total"
+RESPONSE_MESSAGES: Final = "istio_response_messages_total"
+#: gRPC message counts carry the reporter and peer labels only.
+MESSAGE_LABELS: Final[Labels] = _PEER_LABELS
+#: PluginConfig.tcp_reporting_duration's default (istio_stats.cc).
+DEFAULT_REPORTING_DURATION: Final = 5.0
 
 # Label keys Istio reads from LABELS (metadata_object.h), with the qualified fallbacks.
 CANONICAL_NAME = "service.istio.io/canonical-name"
@@ -448,6 +454,33 @@ def record_http(store: Stats, *, reporter: Reporter, local: WorkloadMeta,
     store.family(RESPONSE_BYTES, "histogram", HTTP_LABELS, namespace=NAMESPACE).observe(
         labels, info.bytes_sent if response_bytes is None else response_bytes)
     return labels
+
+
+def record_grpc_messages(store: Stats, labels: Labels, *, requests: int,
+                         responses: int) -> None:
+    """Add a gRPC stream's message-count deltas (``labels``: :func:`peer_labels`). Both
+    series are made even for a zero delta, as Istio's ``addCounter`` does."""
+    store.family(REQUEST_MESSAGES, "counter", MESSAGE_LABELS, namespace=NAMESPACE).inc(
+        labels, requests)
+    store.family(RESPONSE_MESSAGES, "counter", MESSAGE_LABELS, namespace=NAMESPACE).inc(
+        labels, responses)
+
+
+def reporting_duration(config: object) -> float:
+    """``tcp_reporting_duration`` of the ``istio.stats`` filter's PluginConfig (a
+    TypedStruct value, either JSON spelling), in seconds; 5 s when unset or unreadable."""
+    value = getattr(config, "value", None)
+    if not isinstance(value, Mapping):
+        return DEFAULT_REPORTING_DURATION
+    raw = value.get("tcp_reporting_duration", value.get("tcpReportingDuration"))
+    if not isinstance(raw, str):
+        return DEFAULT_REPORTING_DURATION
+    d = duration_pb2.Duration()
+    try:
+        d.FromJsonString(raw)
+    except ValueError:
+        return DEFAULT_REPORTING_DURATION
+    return float(d.seconds) + float(d.nanos) / 1e9
 
 
 def tcp_labels(*, reporter: Reporter, local: WorkloadMeta, peer: WorkloadMeta | None,

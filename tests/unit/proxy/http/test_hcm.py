@@ -28,8 +28,10 @@ from remora.proxy.http.hcm import request_id
 from remora.proxy.http.types import Body, EndStream, ResponseHeaders, Writable
 from remora.proxy.model import OutlierDetection, Thresholds
 from tests.unit.proxy.http.harness import (
+    FAULT,
     FAULT_TYPE,
     ISTIO_RETRY,
+    ROUTER,
     Client,
     Env,
     Server,
@@ -59,7 +61,8 @@ def run(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
 
 def make_env(*, routes: list[dict[str, Any]] | None = None, servers: dict[str, Server] | None
              = None, hosts: tuple[str, ...] = (A,), extra_clusters: tuple[Any, ...] = (),
-             cluster_kw: dict[str, Any] | None = None, **hcm: Any) -> Env:
+             cluster_kw: dict[str, Any] | None = None, direction: str = "OUTBOUND",
+             **hcm: Any) -> Env:
     vhosts = [vhost("svc.default.svc.cluster.local:8080", ["svc", "svc:8080"],
                     routes or [route(SVC)])]
     servers = servers if servers is not None else {h: Server() for h in hosts}
@@ -67,7 +70,7 @@ def make_env(*, routes: list[dict[str, Any]] | None = None, servers: dict[str, S
     # Envoy's 1 s delayed close would make every test whose client leaves the closing to the
     # proxy wait that long; the delayed-close tests set their own.
     hcm.setdefault("delayed_close_timeout", "0.05s")
-    return Env(hcm_dict(vhosts, **hcm), clusters, servers)
+    return Env(hcm_dict(vhosts, **hcm), clusters, servers, direction=direction)
 
 
 async def settle(pred: Callable[[], Any], rounds: int = 500) -> Any:
@@ -1345,6 +1348,128 @@ async def test_http2_upstream_grpc_with_trailers() -> None:
                                               ("te", "trailers")], body=b"\x00\x00\x00\x00\x00")
     await h.response(sid)
     assert len(env.servers[A].conns) == 1
+    await env.close()
+
+
+GRPC_STATS = {"name": "envoy.filters.http.grpc_stats", "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
+    "emit_filter_state": True, "stats_for_all_methods": True}}
+
+
+def istio_stats(**value: Any) -> dict[str, Any]:
+    return {"name": "istio.stats", "typed_config": {
+        "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+        "type_url": "type.googleapis.com/stats.PluginConfig", "value": value}}
+
+
+def grpc_frame(payload: bytes) -> bytes:
+    return b"\x00" + len(payload).to_bytes(4, "big") + payload
+
+
+GRPC_HEADERS = [("content-type", "application/grpc"), ("te", "trailers")]
+
+
+def message_counts(env: Env) -> tuple[dict[Any, int], dict[Any, int]]:
+    fams = env.stats.families
+    req, resp = fams.get("istio_request_messages_total"), fams.get("istio_response_messages_total")
+    return (dict(req.values) if req else {}, dict(resp.values) if resp else {})
+
+
+@run
+async def test_grpc_stats_count_calls_and_messages_with_istio_labels() -> None:
+    """Istio's outbound chain (grpc_stats with emit_filter_state, istio.stats): Envoy's
+    per-method cluster stats, and Istio's message counters with the reporter and peer labels
+    only."""
+    async def streaming(req: UpReq) -> None:
+        await req.complete()
+        req.send_headers(200, [("content-type", "application/grpc")])
+        wire = grpc_frame(b"one") + grpc_frame(b"two") + grpc_frame(b"three")
+        req.send_body(wire[:7])                 # messages split across DATA frames
+        req.send_body(wire[7:])
+        req.send_end([("grpc-status", "0")])
+
+    async def unavailable(req: UpReq) -> None:
+        await req.complete()
+        req.send_headers(200, [("content-type", "application/grpc"), ("grpc-status", "14")],
+                         end=True)
+    srv = Server(streaming, protocol="HTTP/2")
+    env = make_env(servers={A: srv}, cluster_kw={"http_protocol": "HTTP2"},
+                   http_filters=[GRPC_STATS, FAULT, istio_stats(), ROUTER])
+    h = H2Client(env)
+    sid = h.request("POST", "/pkg.Svc/List", GRPC_HEADERS,
+                    body=grpc_frame(b"q1") + grpc_frame(b"q2"))
+    head, _, trailers = await h.response(sid)
+    assert head.status == 200 and trailers.get("grpc-status") == "0"
+    await env.info()
+    srv.handler = unavailable
+    sid = h.request("POST", "/pkg.Svc/List", GRPC_HEADERS, body=grpc_frame(b"q3"))
+    await h.response(sid)
+    await env.info(2)
+    p = "grpc.pkg.Svc.List."
+    assert env.ccounter(SVC, p + "request_message_count") == 3
+    assert env.ccounter(SVC, p + "response_message_count") == 3
+    assert env.ccounter(SVC, p + "total") == 2
+    assert env.ccounter(SVC, p + "success") == 1 and env.ccounter(SVC, p + "0") == 1
+    assert env.ccounter(SVC, p + "failure") == 1 and env.ccounter(SVC, p + "14") == 1
+    req, resp = message_counts(env)
+    fam = env.stats.families["istio_request_messages_total"]
+    assert fam.label_names[0] == "reporter" and fam.label_names[-1] == "destination_cluster"
+    assert len(fam.label_names) == 20 and fam.namespace == "istiocustom"
+    (labels, n), = req.items()
+    assert n == 3 and resp == {labels: 3}
+    assert labels[0] == "source" and labels[14] == "svc.default.svc.cluster.local"
+    # A plain HTTP request leaves every gRPC counter alone.
+    r = await env.client().request("GET", "/plain")
+    assert r.status == 200
+    assert message_counts(env) == (req, resp)
+    assert env.ccounter(SVC, p + "total") == 2
+    await env.close()
+
+
+@run
+async def test_grpc_message_counts_reported_while_a_stream_lasts() -> None:
+    """Inbound, with the caller's peer metadata: Istio reports a long stream's message
+    counts every tcp_reporting_duration, not only at its end."""
+    from remora.proxy.http import telemetry
+    caller = telemetry.encode_peer_metadata(
+        telemetry.WorkloadMeta(name="client-1", namespace="default", workload_name="client",
+                               app="client"), "sidecar~10.0.0.5~client-1.default~default")
+    go_on = asyncio.Event()
+
+    async def stream(req: UpReq) -> None:
+        req.send_headers(200, [("content-type", "application/grpc")])
+        req.send_body(grpc_frame(b"first"))
+        await go_on.wait()
+        req.send_body(grpc_frame(b"second"))
+        req.send_end([("grpc-status", "0")])
+    exchange = {"name": "istio.metadata_exchange", "typed_config": {
+        "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+        "type_url": "type.googleapis.com/io.istio.http.metadata_exchange.Config", "value": {}}}
+    env = make_env(servers={A: Server(stream, protocol="HTTP/2")},
+                   cluster_kw={"http_protocol": "HTTP2"},
+                   http_filters=[exchange, GRPC_STATS, istio_stats(
+                       tcp_reporting_duration="0.02s"), ROUTER], direction="INBOUND")
+    h = H2Client(env)
+    sid = h.request("POST", "/pkg.Svc/Watch", [*GRPC_HEADERS, *caller.items()],
+                    body=grpc_frame(b"watch"))
+
+    async def reported(want: int) -> tuple[dict[Any, int], dict[Any, int]]:
+        while True:
+            h._pump()
+            req, resp = message_counts(env)
+            if sum(resp.values()) >= want:
+                return req, resp
+            await asyncio.sleep(0.01)
+    req, resp = await asyncio.wait_for(reported(1), 5)
+    assert sid not in h.ended                # still streaming
+    (labels, n), = req.items()
+    assert n == 1 and resp == {labels: 1}
+    assert labels[0] == "destination" and labels[1] == "client"   # source_workload: the peer
+    go_on.set()
+    await h.response(sid)
+    await env.info()
+    req, resp = message_counts(env)
+    assert req == {labels: 1} and resp == {labels: 2}
     await env.close()
 
 
