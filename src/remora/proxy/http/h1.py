@@ -837,6 +837,9 @@ class H1ServerCodec(_Output):
     def close(self) -> None:
         pass
 
+    def shutdown_notice(self) -> None:
+        pass
+
 
 # ============================================================================= client side
 

@@ -354,6 +354,14 @@ class _H2Codec:
             self._unacked[stream] = left - n
         self._conn.acknowledge_received_data(n, stream)
 
+    def shutdown_notice(self) -> None:
+        """GOAWAY(NO_ERROR) with the largest stream id (RFC 9113 §6.8's graceful shutdown):
+        the client should open no more streams, but any it sends meanwhile are still taken.
+        :meth:`close` sends the final GOAWAY."""
+        if self._dead or self._goaway_sent:
+            return
+        self._write_goaway(_MAX_STREAM_ID, NO_ERROR)
+
     def close(self) -> None:
         """GOAWAY(NO_ERROR): no new streams; those in flight go on."""
         if self._dead or self._goaway_sent:

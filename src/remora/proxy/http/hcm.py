@@ -71,6 +71,8 @@ HCM_STATS = (
     "downstream_rq_2xx", "downstream_rq_3xx", "downstream_rq_4xx", "downstream_rq_5xx",
     "downstream_rq_rx_reset", "downstream_rq_tx_reset", "downstream_rq_timeout",
     "downstream_rq_idle_timeout", "downstream_cx_delayed_close_timeout",
+    "downstream_cx_idle_timeout", "downstream_cx_drain_close",
+    "downstream_cx_max_duration_reached", "downstream_cx_max_requests_reached",
     "downstream_cx_protocol_error", "no_route", "no_cluster", "rq_direct_response",
     "rq_redirect", "downstream_rq_ws_on_non_ws_route",
 )
@@ -203,7 +205,8 @@ class HttpContext:
         else:
             self.draining = True
         for conn in list(self.connections):
-            if not (inbound_only and conn.hcm.outbound):
+            if not (inbound_only and conn.hcm.outbound) and not conn.closing:
+                conn.hcm.stats.inc(conn.hcm.s["downstream_cx_drain_close"])
                 conn.drain()
 
     def drains(self, hcm: HttpConnectionManager) -> bool:
@@ -396,6 +399,8 @@ class _Downstream(asyncio.Protocol):
         self._sweep: asyncio.TimerHandle | None = None    # stream idle timeouts
         self._headers_timer: asyncio.TimerHandle | None = None
         self._delayed_close: asyncio.TimerHandle | None = None   # see close()
+        self._drain_timer: asyncio.TimerHandle | None = None     # see start_drain_sequence()
+        self.peer_eof = False                   # the client closed its side
 
     # ------------------------------------------------------------------ asyncio protocol
 
@@ -429,6 +434,7 @@ class _Downstream(asyncio.Protocol):
         self.flusher.run()
 
     def eof_received(self) -> bool:
+        self.peer_eof = True
         if self._delayed_close is not None:     # the peer closed: the delayed close is over
             self._cancel_timers()
             return False                        # (the transport closes itself)
@@ -539,7 +545,8 @@ class _Downstream(asyncio.Protocol):
         limit = self.hcm.config.max_requests_per_connection
         if limit and self.requests >= limit:
             # Envoy: the connection's last request; it closes after this response (HTTP/1
-            # ``connection: close``, HTTP/2 GOAWAY).
+            # ``connection: close``, HTTP/2 the drain sequence).
+            self.hcm.stats.inc(self.hcm.s["downstream_cx_max_requests_reached"])
             self.wind_down()
         s = _Stream(self, ev)
         self.streams[ev.stream] = s
@@ -645,21 +652,46 @@ class _Downstream(asyncio.Protocol):
     def drain(self) -> None:
         if self.closing:
             return
-        if not self.streams:
+        if not self.streams and self._drain_timer is None:
             self.close()
             return
         self.wind_down()
 
     def wind_down(self) -> None:
-        """Serve what is in flight, then close: no new requests on this connection."""
-        self.closing_after_streams = True
+        """Serve what is in flight, then close: no new requests on this connection (HTTP/1:
+        after the response in flight; HTTP/2: the drain sequence)."""
         if not self.h1 and self.codec is not None:
-            self.codec.close()          # GOAWAY: streams in flight finish, no new ones
+            self.start_drain_sequence()
+        else:
+            self.closing_after_streams = True
+
+    def start_drain_sequence(self) -> None:
+        """Envoy's HTTP/2 drain (``startDrainSequence``): a GOAWAY with the largest stream id
+        first, so the client stops opening streams while those racing it are still served;
+        after ``drain_timeout`` (5 s) the final GOAWAY names the last stream taken, and the
+        connection closes once its streams are done."""
+        codec = self.codec
+        if codec is None or self.closing or self.closing_after_streams \
+                or self._drain_timer is not None:
+            return
+        codec.shutdown_notice()
+        self.flush()
+        self._drain_timer = self.loop.call_later(self.hcm.config.drain_timeout,
+                                                 self._drain_timeout)
+
+    def _drain_timeout(self) -> None:
+        self._drain_timer = None
+        self.closing_after_streams = True
+        if self.codec is not None:
+            self.codec.close()          # the final GOAWAY: streams in flight finish
             self.flush()
+        if not self.streams:
+            self.close()
 
     def _max_duration(self) -> None:
         """``max_connection_duration``: the connection drains, as at a listener drain."""
         self._duration_timer = None
+        self.hcm.stats.inc(self.hcm.s["downstream_cx_max_duration_reached"])
         self.drain()
 
     def pause_reading(self) -> None:
@@ -684,12 +716,15 @@ class _Downstream(asyncio.Protocol):
             self.write_now()
             delay = self.hcm.config.delayed_close_timeout
             codec = self.codec
-            if delay > 0 and isinstance(codec, H1ServerCodec) and codec.input_pending:
+            if delay > 0 and not self.peer_eof and (
+                    not self.h1 or (isinstance(codec, H1ServerCodec) and codec.input_pending)):
                 # Envoy's delayed close: the peer may still be sending (an answer came before
                 # its request ended, or its bytes broke the protocol). Closing now with its
                 # bytes unread would reset the connection, and a client still writing could
                 # lose the answer. What it sends is read and dropped (data_received ignores a
-                # closing connection) until it closes, or for delayed_close_timeout.
+                # closing connection) until it closes, or for delayed_close_timeout. HTTP/2:
+                # always, since a client may send frames at any time (and the GOAWAY just
+                # written tells it to close).
                 self._delayed_close = self.loop.call_later(delay, self._delayed_close_expired)
                 if self.read_paused:            # (flow control had stopped reading)
                     self.read_paused = False
@@ -723,8 +758,15 @@ class _Downstream(asyncio.Protocol):
             self.idle.stop()
 
     def _idle_expired(self) -> None:
-        if not self.streams:
+        """``idle_timeout``: HTTP/1 closes; HTTP/2 goes through the drain sequence (Envoy's
+        ``onIdleTimeout``)."""
+        if self.streams:
+            return
+        self.hcm.stats.inc(self.hcm.s["downstream_cx_idle_timeout"])
+        if self.h1:
             self.close()
+        else:
+            self.start_drain_sequence()
 
     def watch_stream_idle(self, timeout: float) -> None:
         """A stream with ``stream_idle_timeout`` started: one sweep timer per connection
@@ -779,6 +821,9 @@ class _Downstream(asyncio.Protocol):
         if self._delayed_close is not None:
             self._delayed_close.cancel()
             self._delayed_close = None
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
 
 
 class _Stream:
@@ -1191,9 +1236,17 @@ class _Stream:
         if mode == "OVERWRITE" or (mode == "APPEND_IF_ABSENT" and "server" not in h):
             h.set("server", cfg.server_name)
         conn = self.conn
-        if conn.h1 and (conn.closing_after_streams or self.hcm.ctx.drains(self.hcm)) \
-                and head.status != 101:
-            h.set("connection", "close")    # draining: this connection ends here
+        if conn.h1:
+            if head.status != 101 and (conn.closing_after_streams
+                                       or self.hcm.ctx.drains(self.hcm)):
+                if not conn.closing_after_streams:
+                    self.hcm.stats.inc(self.hcm.s["downstream_cx_drain_close"])
+                    conn.closing_after_streams = True
+                h.set("connection", "close")    # draining: this connection ends here
+        elif self.hcm.ctx.drains(self.hcm) and not conn.closing_after_streams \
+                and conn._drain_timer is None:
+            self.hcm.stats.inc(self.hcm.s["downstream_cx_drain_close"])
+            conn.start_drain_sequence()
         if self.route is not None and self.vhost is not None and cfg.route_config is not None:
             rt.apply_response_headers(cfg.route_config, self.vhost, self.route, head,
                                       request=self.head, cluster=self.weight)

@@ -354,6 +354,11 @@ class ServerCodec(typing.Protocol):
         """Say goodbye (HTTP/2 GOAWAY); HTTP/1: nothing to encode."""
         ...
 
+    def shutdown_notice(self) -> None:
+        """HTTP/2: announce a coming close (GOAWAY with the largest stream id) while still
+        taking new streams; :meth:`close` later names the last one. HTTP/1: nothing."""
+        ...
+
 
 class ClientCodec(typing.Protocol):
     """The upstream side of one connection (HTTP/1.1 or HTTP/2)."""

@@ -25,7 +25,13 @@ from hypothesis import strategies as st
 
 from remora.proxy.http.h2codec import H2ClientCodec
 from remora.proxy.http.hcm import request_id
-from remora.proxy.http.types import Body, EndStream, ResponseHeaders, Writable
+from remora.proxy.http.types import (
+    Body,
+    ConnectionClosed,
+    EndStream,
+    ResponseHeaders,
+    Writable,
+)
 from remora.proxy.model import OutlierDetection, Thresholds
 from tests.unit.proxy.http.harness import (
     FAULT,
@@ -1120,6 +1126,7 @@ class H2Client:
         self.pos = 0
         self.consume = True          # give the window back as bytes arrive
         self.unconsumed: dict[int, int] = {}
+        self.goaways: list[int] = []         # last_stream of each GOAWAY received
         self.flush()
 
     def flush(self) -> None:
@@ -1146,6 +1153,8 @@ class H2Client:
                             self.unconsumed.get(ev.stream, 0) + len(ev.data)
                 elif isinstance(ev, EndStream):
                     self.ended[ev.stream] = ev.trailers
+                elif isinstance(ev, ConnectionClosed):
+                    self.goaways.append(ev.last_stream)
                 elif isinstance(ev, Writable):
                     pass
             self.flush()
@@ -1470,6 +1479,79 @@ async def test_grpc_message_counts_reported_while_a_stream_lasts() -> None:
     await env.info()
     req, resp = message_counts(env)
     assert req == {labels: 1} and resp == {labels: 2}
+    await env.close()
+
+
+MAX_STREAM_ID = 2**31 - 1
+
+
+async def goaways(h: H2Client, n: int) -> list[int]:
+    def seen() -> bool:
+        h._pump()
+        return len(h.goaways) >= n
+    await h.c.end.until(seen)
+    return h.goaways
+
+
+@run
+async def test_http2_listener_drain_is_envoys_two_step_goaway() -> None:
+    """A drain on a busy HTTP/2 connection: first a GOAWAY with the largest stream id (new
+    streams still taken, so one racing it is served), after drain_timeout the final GOAWAY
+    naming the last stream taken; the connection closes when its streams are done."""
+    gate = asyncio.Event()
+
+    async def held(req: UpReq) -> None:
+        if req.head.path == "/first":
+            await gate.wait()
+        await ok_handler(req)
+    env = make_env(servers={A: Server(held)}, drain_timeout="0.2s")
+    h = H2Client(env)
+    first = h.request("GET", "/first")
+    await env.servers[A].request(1)
+    env.ctx.start_drain()
+    assert await goaways(h, 1) == [MAX_STREAM_ID]
+    racing = h.request("GET", "/racing")          # sent before the final GOAWAY: served
+    head, body, _ = await h.response(racing)
+    assert head.status == 200 and body == b"ok /racing"
+    assert await goaways(h, 2) == [MAX_STREAM_ID, racing]
+    assert not h.c.end.eof and not h.c.end.lost    # a stream is still in flight
+    gate.set()
+    head, _, _ = await h.response(first)
+    assert head.status == 200
+    h.c.shutdown()
+    await h.c.closed()
+    assert env.hcounter("downstream_cx_drain_close") == 1
+    await env.close()
+
+
+@run
+async def test_http2_idle_timeout_drains_then_closes_when_the_client_does() -> None:
+    """Envoy's idle_timeout on HTTP/2: the drain sequence (both GOAWAYs), then a close that
+    waits (delayed_close_timeout) for the client to close its side."""
+    env = make_env(common_http_protocol_options={"idle_timeout": "0.05s"},
+                   drain_timeout="0.05s", delayed_close_timeout="5s")
+    h = H2Client(env)
+    sid = h.request("GET", "/")
+    assert (await h.response(sid))[0].status == 200
+    assert await goaways(h, 2) == [MAX_STREAM_ID, sid]
+    assert env.hcounter("downstream_cx_idle_timeout") == 1
+    await settle(lambda: False, rounds=50)
+    assert not h.c.end.eof and not h.c.end.lost    # the close waits for the client
+    h.c.shutdown()
+    await h.c.closed(timeout=1.0)
+    assert env.hcounter("downstream_cx_delayed_close_timeout") == 0
+    await env.close()
+
+
+@run
+async def test_http2_max_requests_per_connection_drains() -> None:
+    env = make_env(common_http_protocol_options={"max_requests_per_connection": 1},
+                   drain_timeout="0.05s")
+    h = H2Client(env)
+    sid = h.request("GET", "/")
+    assert (await h.response(sid))[0].status == 200
+    assert await goaways(h, 2) == [MAX_STREAM_ID, sid]
+    assert env.hcounter("downstream_cx_max_requests_reached") == 1
     await env.close()
 
 
