@@ -807,23 +807,14 @@ class _Downstream(asyncio.Protocol):
         self.close()
 
     def _cancel_timers(self) -> None:
-        if self._duration_timer is not None:
-            self._duration_timer.cancel()
-            self._duration_timer = None
         if self.idle is not None:
             self.idle.cancel()
-        if self._sweep is not None:
-            self._sweep.cancel()
-            self._sweep = None
-        if self._headers_timer is not None:
-            self._headers_timer.cancel()
-            self._headers_timer = None
-        if self._delayed_close is not None:
-            self._delayed_close.cancel()
-            self._delayed_close = None
-        if self._drain_timer is not None:
-            self._drain_timer.cancel()
-            self._drain_timer = None
+        for t in (self._duration_timer, self._sweep, self._headers_timer, self._delayed_close,
+                  self._drain_timer):
+            if t is not None:
+                t.cancel()
+        self._duration_timer = self._sweep = self._headers_timer = None
+        self._delayed_close = self._drain_timer = None
 
 
 class _Stream:
