@@ -318,15 +318,19 @@ class HttpConnectionManager:
                 node_id=self.ctx.node_id, local_ip=local.rsplit(":", 1)[0].strip("[]"),
                 now_us=int(time.time() * 1e6)))
         if self.istio_stats:
-            self.report_messages(s)
-            auth = info.request.authority if info.request is not None else ""
+            service = self.destination_service(info)
+            self.report_messages(s, service)
             telemetry.record_http(
                 self.stats, reporter=self.reporter, local=self.ctx.local, peer=s.peer_meta,
-                info=info, destination_service=telemetry.destination_service(
-                    info.upstream_cluster, authority=auth, route_name=info.route_name,
-                    local=self.ctx.local))
+                info=info, destination_service=service)
 
-    def report_messages(self, s: _Stream) -> None:
+    def destination_service(self, info: StreamInfo) -> telemetry.DestinationService:
+        auth = info.request.authority if info.request is not None else ""
+        return telemetry.destination_service(
+            info.upstream_cluster, authority=auth, route_name=info.route_name,
+            local=self.ctx.local)
+
+    def report_messages(self, s: _Stream, service: telemetry.DestinationService) -> None:
         """Istio's ``istio_request_messages_total`` / ``istio_response_messages_total``: the
         gRPC message counts the grpc_stats filter left since the last report, labelled with
         the reporter and peer labels only (Istio reports them before it adds the request
@@ -335,11 +339,6 @@ class HttpConnectionManager:
         deltas = g.message_deltas() if g is not None else None
         if deltas is None:
             return
-        info = s.info
-        auth = info.request.authority if info.request is not None else ""
-        service = telemetry.destination_service(
-            info.upstream_cluster, authority=auth, route_name=info.route_name,
-            local=self.ctx.local)
         labels = telemetry.peer_labels(self.reporter, self.ctx.local, s.peer_meta, service)
         telemetry.record_grpc_messages(self.stats, labels, requests=deltas[0],
                                        responses=deltas[1])
@@ -944,7 +943,7 @@ class _Stream:
         if self.finished:
             return
         if self.peer_meta is not None:
-            self.hcm.report_messages(self)
+            self.hcm.report_messages(self, self.hcm.destination_service(self.info))
         self._report_timer = self.conn.loop.call_later(self.hcm.report_interval,
                                                        self._report_tick)
 
