@@ -261,8 +261,9 @@ class HttpConnectionManager:
         self.istio_stats = istio_stats is not None
         # Istio's stats filter reports a gRPC stream's message counts at its end and every
         # tcp_reporting_duration while it lasts (istio_stats.cc, "5s" by default).
-        self.report_interval = telemetry.reporting_duration(
-            istio_stats.config if istio_stats is not None else None)
+        self.report_interval = telemetry.DEFAULT_REPORTING_DURATION
+        if istio_stats is not None and isinstance(istio_stats.config, rt.OpaqueFilterConfig):
+            self.report_interval = telemetry.reporting_duration(istio_stats.config.value)
         self.grpc_stats: rt.GrpcStatsConfig | None = next(
             (f.config for f in config.http_filters
              if isinstance(f.config, rt.GrpcStatsConfig) and not f.disabled), None)

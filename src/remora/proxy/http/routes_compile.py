@@ -34,7 +34,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.request_id.uuid.v3 import uuid_pb2  # noqa: F401
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
 from envoy.service.discovery.v3 import discovery_pb2
-from google.protobuf import duration_pb2, json_format, symbol_database
+from google.protobuf import json_format, symbol_database
 from google.protobuf.message import Message
 from udpa.type.v1 import typed_struct_pb2  # noqa: F401
 from xds.type.v3 import typed_struct_pb2 as xds_typed_struct_pb2  # noqa: F401
@@ -42,6 +42,7 @@ from xds.type.v3 import typed_struct_pb2 as xds_typed_struct_pb2  # noqa: F401
 from remora.errors import BadInput
 from remora.proxy.http import routes as rt
 from remora.proxy.http.accesslog import compile_access_logs
+from remora.proxy.http.telemetry import reporting_duration
 from remora.proxy.http.tracing import compile_tracing
 from remora.proxy.protocheck import ANY_FIELDS, check_fields
 from remora.proxy.protocheck import unpack as _unpack
@@ -811,27 +812,15 @@ def _http_filter(msg: Message, path: str) -> rt.HttpFilter:
                            "is not implemented")
         value = json_format.MessageToDict(cfg.value)
         if inner == "stats.PluginConfig":
-            _check_reporting_duration(value, where)
+            try:
+                reporting_duration(value)
+            except ValueError as exc:
+                raise BadInput(f"{where}.value.tcp_reporting_duration: {exc}") from None
         config = rt.OpaqueFilterConfig(type_url=inner, value=value)
     else:
         raise BadInput(f"unsupported {where}: {kind} is not implemented")
     return rt.HttpFilter(name=msg.name, config=config, disabled=msg.disabled,
                          is_optional=msg.is_optional)
-
-
-def _check_reporting_duration(value: dict[str, Any], where: str) -> None:
-    """istio.stats' ``tcp_reporting_duration`` must be a proto-JSON duration ("5s")."""
-    for key in ("tcp_reporting_duration", "tcpReportingDuration"):
-        raw = value.get(key)
-        if raw is None:
-            continue
-        try:
-            if not isinstance(raw, str):
-                raise ValueError(raw)
-            duration_pb2.Duration().FromJsonString(raw)
-        except ValueError:
-            raise BadInput(f"{where}.value.{key}: {raw!r} is not a duration such as "
-                           "\"5s\"") from None
 
 
 def compile_grpc_stats(cfg: Message, where: str) -> rt.GrpcStatsConfig:

@@ -466,20 +466,21 @@ def record_grpc_messages(store: Stats, labels: Labels, *, requests: int,
         labels, responses)
 
 
-def reporting_duration(config: object) -> float:
-    """``tcp_reporting_duration`` of the ``istio.stats`` filter's PluginConfig (a
-    TypedStruct value, either JSON spelling), in seconds; 5 s when unset or unreadable."""
-    value = getattr(config, "value", None)
-    if not isinstance(value, Mapping):
+def reporting_duration(plugin_config: Mapping[str, Any]) -> float:
+    """``tcp_reporting_duration`` of the ``istio.stats`` filter's PluginConfig (its
+    TypedStruct value, either JSON spelling), in seconds; 5 s when unset. ValueError when it
+    is not a proto-JSON duration such as "5s"."""
+    raw = plugin_config.get("tcp_reporting_duration",
+                            plugin_config.get("tcpReportingDuration"))
+    if raw is None:
         return DEFAULT_REPORTING_DURATION
-    raw = value.get("tcp_reporting_duration", value.get("tcpReportingDuration"))
     if not isinstance(raw, str):
-        return DEFAULT_REPORTING_DURATION
+        raise ValueError(f"{raw!r} is not a duration such as \"5s\"")
     d = duration_pb2.Duration()
     try:
         d.FromJsonString(raw)
     except ValueError:
-        return DEFAULT_REPORTING_DURATION
+        raise ValueError(f"{raw!r} is not a duration such as \"5s\"") from None
     return float(d.seconds) + float(d.nanos) / 1e9
 
 

@@ -282,3 +282,12 @@ def test_per_input_caches_stay_bounded_and_agree_with_the_derivation() -> None:
     other = tm.workload_from_node({**NODE, "NAME": "other-pod"})
     assert tm.peer_labels("source", other, REVIEWS, svc) == \
         tm.derive_peer_labels("source", other, REVIEWS, svc)
+
+
+def test_reporting_duration_from_the_stats_plugin_config() -> None:
+    assert tm.reporting_duration({}) == 5.0
+    assert tm.reporting_duration({"tcp_reporting_duration": "0.5s"}) == 0.5
+    assert tm.reporting_duration({"tcpReportingDuration": "15s"}) == 15.0
+    for bad in ("soon", "5", 5.0):
+        with pytest.raises(ValueError, match="is not a duration"):
+            tm.reporting_duration({"tcp_reporting_duration": bad})
