@@ -264,7 +264,13 @@ def _chain(msg: Message, path: str) -> FilterChain:
             if istio is None:
                 raise BadInput(f"unsupported {where}: TypedStruct of "
                                f"{cfg.type_url}")
-            istio_stats = istio_stats or istio == "istio.stats"
+            if istio == "istio.stats":
+                from remora.proxy.http.telemetry import compile_plugin_config
+                try:
+                    compile_plugin_config(json_format.MessageToDict(cfg.value))
+                except ValueError as exc:
+                    raise BadInput(f"{where}.typed_config.value.{exc}") from None
+                istio_stats = True
             continue
         if cfg.DESCRIPTOR.full_name not in NETWORK_FILTERS:
             raise BadInput(f"unsupported {where}: {cfg.DESCRIPTOR.full_name}")

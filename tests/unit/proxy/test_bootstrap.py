@@ -166,6 +166,17 @@ def test_istio_stats_network_filter_and_tcp_access_log() -> None:
     assert len(tp.access_logs) == 1 and tp.access_logs[0].path == "/dev/stdout"
 
 
+def test_istio_stats_network_filter_refuses_metric_overrides() -> None:
+    data = copy.deepcopy(base())
+    _first_tcp_chain(data)["filters"].insert(0, {"name": "istio.stats", "typed_config": {
+        "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+        "type_url": "type.googleapis.com/stats.PluginConfig",
+        "value": {"metrics": [{"name": "tcp_sent_bytes_total", "drop": True}]}}})
+    with pytest.raises(BadInput) as err:
+        compile_bootstrap(parse_bootstrap(data))
+    assert "filters[0].typed_config.value.metrics: metric overrides" in str(err.value)
+
+
 def test_unknown_typed_struct_network_filter_is_refused() -> None:
     data = copy.deepcopy(base())
     _first_tcp_chain(data)["filters"].insert(0, {"name": "x", "typed_config": {

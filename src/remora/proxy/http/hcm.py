@@ -261,9 +261,11 @@ class HttpConnectionManager:
         self.istio_stats = istio_stats is not None
         # Istio's stats filter reports a gRPC stream's message counts at its end and every
         # tcp_reporting_duration while it lasts (istio_stats.cc, "5s" by default).
-        self.report_interval = telemetry.DEFAULT_REPORTING_DURATION
+        plugin = telemetry.StatsPluginConfig()
         if istio_stats is not None and isinstance(istio_stats.config, rt.OpaqueFilterConfig):
-            self.report_interval = telemetry.reporting_duration(istio_stats.config.value)
+            plugin = telemetry.compile_plugin_config(istio_stats.config.value)  # (checked)
+        self.report_interval = plugin.reporting_duration
+        self.host_fallback = not plugin.disable_host_header_fallback
         self.grpc_stats: rt.GrpcStatsConfig | None = next(
             (f.config for f in config.http_filters
              if isinstance(f.config, rt.GrpcStatsConfig) and not f.disabled), None)
@@ -326,7 +328,9 @@ class HttpConnectionManager:
                 info=info, destination_service=service)
 
     def destination_service(self, info: StreamInfo) -> telemetry.DestinationService:
-        auth = info.request.authority if info.request is not None else ""
+        """Istio's, from the request's Host unless ``disable_host_header_fallback``."""
+        auth = info.request.authority if info.request is not None and self.host_fallback \
+            else ""
         return telemetry.destination_service(
             info.upstream_cluster, authority=auth, route_name=info.route_name,
             local=self.ctx.local)

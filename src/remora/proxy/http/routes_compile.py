@@ -42,7 +42,7 @@ from xds.type.v3 import typed_struct_pb2 as xds_typed_struct_pb2  # noqa: F401
 from remora.errors import BadInput
 from remora.proxy.http import routes as rt
 from remora.proxy.http.accesslog import compile_access_logs
-from remora.proxy.http.telemetry import reporting_duration
+from remora.proxy.http.telemetry import compile_plugin_config
 from remora.proxy.http.tracing import compile_tracing
 from remora.proxy.protocheck import ANY_FIELDS, check_fields
 from remora.proxy.protocheck import unpack as _unpack
@@ -813,9 +813,9 @@ def _http_filter(msg: Message, path: str) -> rt.HttpFilter:
         value = json_format.MessageToDict(cfg.value)
         if inner == "stats.PluginConfig":
             try:
-                reporting_duration(value)
+                compile_plugin_config(value)
             except ValueError as exc:
-                raise BadInput(f"{where}.value.tcp_reporting_duration: {exc}") from None
+                raise BadInput(f"{where}.value.{exc}") from None
         config = rt.OpaqueFilterConfig(type_url=inner, value=value)
     else:
         raise BadInput(f"unsupported {where}: {kind} is not implemented")

@@ -466,14 +466,35 @@ def record_grpc_messages(store: Stats, labels: Labels, *, requests: int,
         labels, responses)
 
 
-def reporting_duration(plugin_config: Mapping[str, Any]) -> float:
-    """``tcp_reporting_duration`` of the ``istio.stats`` filter's PluginConfig (its
-    TypedStruct value, either JSON spelling), in seconds; 5 s when unset. ValueError when it
-    is not a proto-JSON duration such as "5s"."""
-    raw = plugin_config.get("tcp_reporting_duration",
-                            plugin_config.get("tcpReportingDuration"))
-    if raw is None:
-        return DEFAULT_REPORTING_DURATION
+@dataclass(frozen=True, slots=True)
+class StatsPluginConfig:
+    """The ``istio.stats`` filter's ``stats.PluginConfig`` (a TypedStruct value), as far as
+    Remora implements it. ``disable_host_header_fallback``: the destination service is not
+    taken from the Host header (Istio sets it on inbound listeners and gateways);
+    ``reporting_duration``: seconds between a long gRPC stream's reports."""
+
+    disable_host_header_fallback: bool = False
+    reporting_duration: float = DEFAULT_REPORTING_DURATION
+
+
+# PluginConfig fields by either JSON spelling; the unimplemented ones are refused unless they
+# hold their default (metric overrides and definitions are CEL; rotation evicts series).
+_PLUGIN_FIELDS: Final = {
+    "disable_host_header_fallback": "disable_host_header_fallback",
+    "disableHostHeaderFallback": "disable_host_header_fallback",
+    "tcp_reporting_duration": "tcp_reporting_duration",
+    "tcpReportingDuration": "tcp_reporting_duration",
+    "reporter": "reporter", "metrics": "metrics", "definitions": "definitions",
+    **{k: k for k in ("rotation_interval", "graceful_deletion_interval",
+                      "rescoping_duration", "scope_grace_period_duration")},
+    "rotationInterval": "rotation_interval",
+    "gracefulDeletionInterval": "graceful_deletion_interval",
+    "rescopingDuration": "rescoping_duration",
+    "scopeGracePeriodDuration": "scope_grace_period_duration",
+}
+
+
+def _duration(raw: object) -> float:
     if not isinstance(raw, str):
         raise ValueError(f"{raw!r} is not a duration such as \"5s\"")
     d = duration_pb2.Duration()
@@ -482,6 +503,43 @@ def reporting_duration(plugin_config: Mapping[str, Any]) -> float:
     except ValueError:
         raise ValueError(f"{raw!r} is not a duration such as \"5s\"") from None
     return float(d.seconds) + float(d.nanos) / 1e9
+
+
+def compile_plugin_config(value: Mapping[str, Any]) -> StatsPluginConfig:
+    """Read a PluginConfig. ValueError ("<field>: <why>") for an unknown field, a malformed
+    value, or a feature Remora does not implement: metric overrides and definitions (the
+    Telemetry API's tag overrides, CEL expressions), the waypoint reporter, scope rotation."""
+    fallback_off = False
+    every = DEFAULT_REPORTING_DURATION
+    for key, raw in value.items():
+        name = _PLUGIN_FIELDS.get(key)
+        if name is None:
+            raise ValueError(f"{key}: unknown field of stats.PluginConfig")
+        if name == "disable_host_header_fallback":
+            if not isinstance(raw, bool):
+                raise ValueError(f"{key}: {raw!r} is not a boolean")
+            fallback_off = raw
+        elif name == "tcp_reporting_duration":
+            try:
+                every = _duration(raw)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+        elif name == "reporter":
+            if raw not in ("UNSPECIFIED", 0):
+                raise ValueError(f"{key}: {raw!r} is not implemented (sidecar reporters "
+                                 "only)")
+        elif name in ("metrics", "definitions"):
+            if raw:
+                raise ValueError(f"{key}: metric overrides and definitions are not "
+                                 "implemented")
+        else:
+            try:
+                if _duration(raw):
+                    raise ValueError(f"{raw!r}: scope rotation is not implemented")
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+    return StatsPluginConfig(disable_host_header_fallback=fallback_off,
+                             reporting_duration=every)
 
 
 def tcp_labels(*, reporter: Reporter, local: WorkloadMeta, peer: WorkloadMeta | None,

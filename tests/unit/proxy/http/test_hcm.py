@@ -1435,6 +1435,27 @@ async def test_grpc_stats_count_calls_and_messages_with_istio_labels() -> None:
     await env.close()
 
 
+@pytest.mark.parametrize(("fallback_off", "service"), [(False, "svc"), (True, "unknown")])
+def test_destination_service_from_host_unless_the_fallback_is_disabled(
+        fallback_off: bool, service: str) -> None:
+    """Istio's stats filter takes the destination service from the Host header when the
+    cluster does not name one (here PassthroughCluster), unless
+    ``disable_host_header_fallback`` (Istio's inbound and gateway setting)."""
+    @run
+    async def scenario() -> None:
+        env = make_env(routes=[route("PassthroughCluster")],
+                       extra_clusters=(cluster("PassthroughCluster", [A]),),
+                       http_filters=[istio_stats(disable_host_header_fallback=fallback_off),
+                                     ROUTER])
+        assert (await env.client().request("GET", "/", host="svc")).status == 200
+        await env.info()
+        (labels, n), = env.stats.families["istio_requests_total"].values.items()
+        assert n == 1 and labels[14] == service                 # destination_service
+        assert labels[17] == "PassthroughCluster"               # destination_service_name
+        await env.close()
+    scenario()
+
+
 @run
 async def test_grpc_message_counts_reported_while_a_stream_lasts() -> None:
     """Inbound, with the caller's peer metadata: Istio reports a long stream's message

@@ -284,10 +284,29 @@ def test_per_input_caches_stay_bounded_and_agree_with_the_derivation() -> None:
         tm.derive_peer_labels("source", other, REVIEWS, svc)
 
 
-def test_reporting_duration_from_the_stats_plugin_config() -> None:
-    assert tm.reporting_duration({}) == 5.0
-    assert tm.reporting_duration({"tcp_reporting_duration": "0.5s"}) == 0.5
-    assert tm.reporting_duration({"tcpReportingDuration": "15s"}) == 15.0
-    for bad in ("soon", "5", 5.0):
-        with pytest.raises(ValueError, match="is not a duration"):
-            tm.reporting_duration({"tcp_reporting_duration": bad})
+def test_stats_plugin_config() -> None:
+    assert tm.compile_plugin_config({}) == tm.StatsPluginConfig(False, 5.0)
+    assert tm.compile_plugin_config({"tcp_reporting_duration": "0.5s", "reporter": 0,
+                                     "disable_host_header_fallback": True, "metrics": []}) \
+        == tm.StatsPluginConfig(True, 0.5)
+    assert tm.compile_plugin_config({"tcpReportingDuration": "15s",
+                                     "disableHostHeaderFallback": False,
+                                     "rotationInterval": "0s"}) == tm.StatsPluginConfig(False, 15.0)
+
+
+@pytest.mark.parametrize(("value", "why"), [
+    ({"tcp_reporting_duration": "soon"}, "tcp_reporting_duration: 'soon' is not a duration"),
+    ({"tcp_reporting_duration": 5.0}, "tcp_reporting_duration: 5.0 is not a duration"),
+    ({"disable_host_header_fallback": "yes"}, "disable_host_header_fallback: 'yes' is not a"),
+    ({"metrics": [{"dimensions": {"request_host": "request.host"}}]},
+     "metrics: metric overrides and definitions are not implemented"),
+    ({"definitions": [{"name": "x", "value": "1"}]}, "definitions: metric overrides"),
+    ({"reporter": "SERVER_GATEWAY"}, "reporter: 'SERVER_GATEWAY' is not implemented"),
+    ({"rotation_interval": "60s"}, "rotation_interval: '60s': scope rotation is not"),
+    ({"stat_prefix": "x"}, "stat_prefix: unknown field of stats.PluginConfig"),
+])
+def test_stats_plugin_config_refuses_what_it_does_not_implement(value: dict[str, object],
+                                                                 why: str) -> None:
+    with pytest.raises(ValueError) as got:
+        tm.compile_plugin_config(value)
+    assert str(got.value).startswith(why), got.value
