@@ -33,7 +33,7 @@ from typing import Any, Final
 
 from mypy_extensions import mypyc_attr
 
-from remora.proxy.http import accesslog, telemetry, tracing
+from remora.proxy.http import accesslog, cors, telemetry, tracing
 from remora.proxy.http import routes as rt
 from remora.proxy.http.grpcstats import GrpcStream
 from remora.proxy.http.h1 import H1ServerCodec
@@ -78,6 +78,7 @@ HCM_STATS = (
 )
 HCM_GAUGES = ("downstream_cx_active", "downstream_rq_active")
 EXCHANGE_FILTERS = ("istio.metadata_exchange", "istio.peer_metadata")
+CORS_TYPE: Final = "envoy.extensions.filters.http.cors.v3.Cors"
 # Grpc::Utility::httpToGrpcStatus (gRPC's "HTTP to gRPC status code mapping").
 GRPC_STATUS = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
 
@@ -266,6 +267,15 @@ class HttpConnectionManager:
             plugin = telemetry.compile_plugin_config(istio_stats.config.value)  # (checked)
         self.report_interval = plugin.reporting_duration
         self.host_fallback = not plugin.disable_host_header_fallback
+        # Envoy's CORS filter: its name keys the per-route policies; its stats are
+        # http.<prefix>.cors.origin_valid / origin_invalid.
+        self.cors_filter: str | None = next(
+            (f.name for f in config.http_filters if isinstance(f.config, rt.OpaqueFilterConfig)
+             and f.config.type_url == CORS_TYPE and not f.disabled), None)
+        if self.cors_filter is not None:
+            for n in ("cors.origin_valid", "cors.origin_invalid"):
+                self.s[n] = scope + n
+                ctx.stats.declare(scope + n, "counter")
         self.grpc_stats: rt.GrpcStatsConfig | None = next(
             (f.config for f in config.http_filters
              if isinstance(f.config, rt.GrpcStatsConfig) and not f.disabled), None)
@@ -863,6 +873,7 @@ class _Stream:
         self.finished = False
         self.tunnel = False                  # HTTP/1 upgrade / CONNECT accepted: raw bytes
         self.grpc: GrpcStream | None = None  # the grpc_stats filter's state (gRPC requests)
+        self.cors: cors.CorsRequest | None = None   # the CORS filter's, for the response
         self._report_timer: asyncio.TimerHandle | None = None
 
     @classmethod
@@ -1131,6 +1142,9 @@ class _Stream:
                 self.local_reply(status, "fault filter abort", details="fault_filter_abort",
                                  extra=extra)
                 return
+        if hcm.cors_filter is not None and "origin" in head.headers \
+                and self._cors(rc, vh, route, weight):
+            return
         cluster = hcm.ctx.clusters.get(name) if name else None
         if cluster is None:
             hcm.stats.inc(hcm.s["no_cluster"])
@@ -1146,6 +1160,26 @@ class _Stream:
         for policy in action.request_mirror_policies:
             self._mirror(policy)
         await _Router(self, cluster, action, rt.effective_retry_policy(vh, route)).run()
+
+    def _cors(self, rc: rt.RouteConfiguration, vh: rt.VirtualHost, route: rt.Route,
+              weight: rt.ClusterWeight | None) -> bool:
+        """Envoy's CORS filter on a request with an ``Origin``; True when it answered a
+        preflight itself (200, ``cors_response``)."""
+        hcm = self.hcm
+        assert hcm.cors_filter is not None
+        policies = rt.resolve_cors(hcm.cors_filter, rc, vh, route, weight)
+        if not policies:
+            return False
+        d = cors.decide(policies, self.head, hcm.ctx.rng)
+        if d.origin_valid is not None:
+            hcm.stats.inc(hcm.s["cors.origin_valid" if d.origin_valid
+                                else "cors.origin_invalid"])
+        self.cors = d.request
+        if d.preflight is None:
+            return False
+        self.local_reply(200, "", details="cors_response", direct=True,
+                         extra=tuple(d.preflight))
+        return True
 
     def _mutate_request_headers(self) -> None:
         """Envoy's ``ConnectionManagerUtility::mutateRequestHeaders`` for a sidecar."""
@@ -1247,6 +1281,8 @@ class _Stream:
                                       request=self.head, cluster=self.weight)
         if self.info.response_code_details == "via_upstream":
             self.hcm.upstream_response(self, head)
+        if self.cors is not None:
+            self.cors.response_headers(h)
 
     def send_body(self, data: bytes) -> None:
         codec = self.conn.codec

@@ -406,7 +406,26 @@ class OpaqueFilterConfig:
     value: dict[str, Any] = field(default_factory=dict)
 
 
-PerFilterConfig = FaultConfig | FilterDisabled | OpaqueFilterConfig
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CorsPolicy:
+    """``envoy.extensions.filters.http.cors.v3.CorsPolicy``, a CORS filter's
+    ``typed_per_filter_config`` (Istio puts a VirtualService's ``corsPolicy`` there). Unset
+    fields stay ""/None: Envoy takes each field from the most specific policy that sets it.
+    ``filter_enabled`` unset means enabled, ``shadow_enabled`` unset means off."""
+
+    allow_origins: tuple[StringMatcher, ...] = ()
+    allow_methods: str = ""
+    allow_headers: str = ""
+    expose_headers: str = ""
+    max_age: str = ""
+    allow_credentials: bool | None = None
+    allow_private_network_access: bool | None = None
+    forward_not_matching_preflights: bool | None = None
+    filter_enabled: FractionalPercent = ALWAYS
+    shadow_enabled: FractionalPercent | None = None
+
+
+PerFilterConfig = FaultConfig | FilterDisabled | CorsPolicy | OpaqueFilterConfig
 
 
 # ----------------------------------------------------------------------------- actions
@@ -1214,6 +1233,24 @@ def resolve_per_filter(name: str, rc: RouteConfiguration, vh: VirtualHost, route
             if got is not None:
                 return got
     return None
+
+
+def resolve_cors(name: str, rc: RouteConfiguration, vh: VirtualHost, route: Route,
+                 cluster: ClusterWeight | None = None) -> list[CorsPolicy] | None:
+    """The CORS policies that apply to a request, most specific first (Envoy's
+    ``getAllPerFilterConfig``, reversed); None when the most specific entry for the filter
+    disables it on this route."""
+    out: list[CorsPolicy] = []
+    for level in (cluster.per_filter if cluster is not None else None, route.per_filter,
+                  vh.per_filter, rc.per_filter):
+        got = level.get(name) if level else None
+        if got is None:
+            continue
+        if isinstance(got, FilterDisabled) and not out:
+            return None
+        if isinstance(got, CorsPolicy):
+            out.append(got)
+    return out
 
 
 def resolve_fault(filter_: HttpFilter, rc: RouteConfiguration, vh: VirtualHost, route: Route,

@@ -183,7 +183,10 @@ HTTP_SUPPORTED: dict[str, str | frozenset[str]] = {
     "envoy.extensions.filters.common.fault.v3.FaultDelay.HeaderDelay": frozenset(),
     # Accepted, no effect in Remora (Istio's chain carries it).
     "envoy.extensions.filters.http.cors.v3.Cors": frozenset(),
-    "envoy.extensions.filters.http.cors.v3.CorsPolicy": ANY_FIELDS,
+    "envoy.extensions.filters.http.cors.v3.CorsPolicy": frozenset({
+        "allow_origin_string_match", "allow_methods", "allow_headers", "expose_headers",
+        "max_age", "allow_credentials", "filter_enabled", "shadow_enabled",
+        "allow_private_network_access", "forward_not_matching_preflights"}),
     # (enable_upstream_stats is refused when true by compile_grpc_stats)
     "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig": frozenset({
         "emit_filter_state", "stats_for_all_methods", "enable_upstream_stats",
@@ -469,7 +472,7 @@ def compile_fault(msg: fault_pb2.HTTPFault, path: str) -> rt.FaultConfig:
 
 def _per_filter(msg: Message, path: str) -> dict[str, rt.PerFilterConfig]:
     """``typed_per_filter_config``: a fault override (``HTTPFault``), a ``FilterConfig``
-    wrapper (``disabled`` or a wrapped config), or a CORS policy (accepted, no effect)."""
+    wrapper (``disabled`` or a wrapped config), or a CORS policy."""
     out: dict[str, rt.PerFilterConfig] = {}
     for name in sorted(msg.typed_per_filter_config):
         where = f"{path}.typed_per_filter_config[{name!r}]"
@@ -486,15 +489,30 @@ def _per_filter(msg: Message, path: str) -> dict[str, rt.PerFilterConfig]:
         if kind == _FAULT:
             out[name] = compile_fault(inner, where)
         elif kind == "envoy.extensions.filters.http.cors.v3.CorsPolicy":
-            out[name] = rt.OpaqueFilterConfig(
-                type_url=kind, value=json_format.MessageToDict(
-                    inner, preserving_proto_field_name=True))
+            out[name] = compile_cors(inner, where)
         else:
             raise BadInput(f"unsupported {where}: {kind} is not implemented")
     return out
 
 
 # ----------------------------------------------------------------------------- routes
+
+
+def compile_cors(msg: Message, path: str) -> rt.CorsPolicy:
+    check_http_supported(msg, path)
+    return rt.CorsPolicy(
+        allow_origins=tuple(_string_matcher(m, f"{path}.allow_origin_string_match[{i}]")
+                            for i, m in enumerate(msg.allow_origin_string_match)),
+        allow_methods=msg.allow_methods, allow_headers=msg.allow_headers,
+        expose_headers=msg.expose_headers, max_age=msg.max_age,
+        allow_credentials=_wrapped(msg, "allow_credentials", None),
+        allow_private_network_access=_wrapped(msg, "allow_private_network_access", None),
+        forward_not_matching_preflights=_wrapped(msg, "forward_not_matching_preflights",
+                                                 None),
+        filter_enabled=_percent(msg.filter_enabled.default_value)
+        if msg.HasField("filter_enabled") else rt.ALWAYS,
+        shadow_enabled=_percent(msg.shadow_enabled.default_value)
+        if msg.HasField("shadow_enabled") else None)
 
 
 def _route_match(msg: Message, path: str) -> rt.RouteMatch:

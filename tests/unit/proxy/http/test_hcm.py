@@ -1576,6 +1576,46 @@ async def test_http2_max_requests_per_connection_drains() -> None:
     await env.close()
 
 
+CORS_FILTER = {"name": "envoy.filters.http.cors", "typed_config": {
+    "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"}}
+
+
+@run
+async def test_cors_preflight_answered_and_responses_marked() -> None:
+    """A VirtualService corsPolicy as Istio writes it (the route's typed_per_filter_config):
+    the preflight is answered by the proxy (200, cors_response) and never reaches the app;
+    an allowed cross-origin request gets the CORS response headers, another origin none."""
+    policy = {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+              "allow_origin_string_match": [{"exact": "https://app.example.com"}],
+              "allow_methods": "GET,POST", "allow_headers": "x-token", "max_age": "600",
+              "expose_headers": "x-trace", "allow_credentials": True}
+    env = make_env(routes=[{**route(SVC), "typed_per_filter_config": {
+        "envoy.filters.http.cors": policy}}], http_filters=[FAULT, CORS_FILTER, ROUTER])
+    c = env.client()
+    r = await c.request("OPTIONS", "/api", headers=[
+        ("origin", "https://app.example.com"), ("access-control-request-method", "POST")])
+    assert r.status == 200 and r.body == b""
+    assert r.get("access-control-allow-origin") == "https://app.example.com"
+    assert r.get("access-control-allow-methods") == "GET,POST"
+    assert r.get("access-control-allow-headers") == "x-token"
+    assert r.get("access-control-max-age") == "600"
+    assert r.get("access-control-allow-credentials") == "true"
+    info = await env.info()
+    assert info.response_code_details == "cors_response" and info.upstream_host == ""
+    assert not env.servers[A].conns                          # the app never saw it
+    r = await c.request("GET", "/api", headers=[("origin", "https://app.example.com")])
+    assert r.status == 200 and r.body == b"ok /api"
+    assert r.get("access-control-allow-origin") == "https://app.example.com"
+    assert r.get("access-control-expose-headers") == "x-trace"
+    assert r.get("access-control-allow-methods") is None
+    r = await c.request("GET", "/api", headers=[("origin", "https://evil.example")])
+    assert r.status == 200 and r.get("access-control-allow-origin") is None
+    r = await c.request("GET", "/api")                      # not a CORS request
+    assert r.get("access-control-allow-origin") is None
+    assert env.hcounter("cors.origin_valid") == 2 and env.hcounter("cors.origin_invalid") == 1
+    await env.close()
+
+
 # ============================================================================ mirroring
 
 

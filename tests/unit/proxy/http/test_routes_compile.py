@@ -564,7 +564,8 @@ def test_route_config_level_fields() -> None:
     assert vh.retry_policy is not None and vh.retry_policy.retry_on == {"gateway-error"}
     f = vh.per_filter["envoy.filters.http.fault"]
     assert isinstance(f, rt.FaultConfig) and f.abort is not None and f.abort.grpc_status == 14
-    assert isinstance(vh.per_filter["envoy.filters.http.cors"], rt.OpaqueFilterConfig)
+    assert vh.per_filter["envoy.filters.http.cors"] == rt.CorsPolicy(
+        allow_origins=(rt.StringMatcher(kind="exact", value="*"),))
 
 
 def test_hcm_options_compile() -> None:
