@@ -109,9 +109,9 @@ HTTP_SUPPORTED: dict[str, str | frozenset[str]] = {
         *_MUTATION_FIELDS}),
     "envoy.config.route.v3.Route": frozenset({
         "name", "match", "route", "redirect", "direct_response", "metadata", "decorator",
-        "typed_per_filter_config", "tracing", "per_request_buffer_limit_bytes", "stat_prefix",
+        # (no "tracing": route-level sampling overrides and custom tags are not implemented)
+        "typed_per_filter_config", "per_request_buffer_limit_bytes", "stat_prefix",
         *_MUTATION_FIELDS}),
-    "envoy.config.route.v3.Tracing": ANY_FIELDS,
     "envoy.config.route.v3.RouteMatch": frozenset({
         "prefix", "path", "safe_regex", "path_separated_prefix", "case_sensitive", "headers",
         "query_parameters", "grpc"}),

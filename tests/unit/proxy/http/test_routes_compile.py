@@ -643,6 +643,8 @@ ROUTE0_PATH = r"hcm\.route_config\.virtual_hosts\[0\]\.routes\[0\]"
      r"hcm\.route_config\.virtual_hosts\[0\]\.require_tls"),
     (f"{ROUTE0}.match.runtime_fraction", {"default_value": {"numerator": 1}},
      ROUTE0_PATH + r"\.match\.runtime_fraction"),
+    (f"{ROUTE0}.tracing", {"random_sampling": {"numerator": 1}},
+     r"unsupported field " + ROUTE0_PATH + r"\.tracing"),
     (f"{ROUTE0}.route.rate_limits", [{"actions": [{"source_cluster": {}}]}],
      ROUTE0_PATH + r"\.route\.rate_limits"),
     (f"{ROUTE0}.route.retry_policy", {"retry_priority": {"name": "p"}},
