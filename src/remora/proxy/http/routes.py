@@ -399,8 +399,12 @@ class FilterDisabled:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OpaqueFilterConfig:
-    """A filter config Remora accepts but does not act on (cors, grpc_stats, Istio's own
-    filters): its type URL and its value as proto-JSON, for ``/config_dump``."""
+    """A filter config kept as data: its type URL and its value as proto-JSON (for
+    ``/config_dump``). The CORS filter's (it has no fields; its policies are per route) and
+    Istio's own filters (TypedStruct values), which the connection manager reads from
+    here: ``istio.stats`` (compiled by ``telemetry.compile_plugin_config``), the peer
+    metadata exchange, and ``istio.alpn`` (it sets the ALPN of TLS upstream connections;
+    Remora has no TLS yet, so it has nothing to act on)."""
 
     type_url: str
     value: dict[str, Any] = field(default_factory=dict)

@@ -181,7 +181,7 @@ HTTP_SUPPORTED: dict[str, str | frozenset[str]] = {
     "envoy.extensions.filters.common.fault.v3.FaultDelay": frozenset({
         "fixed_delay", "header_delay", "percentage"}),
     "envoy.extensions.filters.common.fault.v3.FaultDelay.HeaderDelay": frozenset(),
-    # Accepted, no effect in Remora (Istio's chain carries it).
+    # The CORS filter has no config of its own (its policies are per route / vhost).
     "envoy.extensions.filters.http.cors.v3.Cors": frozenset(),
     "envoy.extensions.filters.http.cors.v3.CorsPolicy": frozenset({
         "allow_origin_string_match", "allow_methods", "allow_headers", "expose_headers",
