@@ -24,6 +24,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import re
 import socket
 import time
@@ -41,6 +42,7 @@ from google.protobuf import json_format as pb_json
 from google.protobuf.message import Message
 
 from remora.errors import BadInput
+from remora.proxy.http.routes import FractionalPercent, HeaderMatcher
 from remora.proxy.http.types import HeaderMap, StreamInfo
 from remora.proxy.protocheck import ANY_FIELDS, check_fields
 from remora.proxy.protocheck import unpack as _unpack
@@ -774,16 +776,56 @@ class Comparison:
         return x != self.value
 
 
+#: Envoy's ``Grpc::Utility::httpToGrpcStatus`` (gRPC's "HTTP to gRPC status code mapping");
+#: any other HTTP status is UNKNOWN (2).
+HTTP_TO_GRPC_STATUS: Final[dict[int, int]] = {
+    400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
+
+
+def grpc_status_of(info: StreamInfo) -> int:
+    """Envoy's ``Grpc::Common::getGrpcStatus(trailers, headers, info)`` as the access log
+    filter reads it: the ``grpc-status`` sent, else one inferred from the HTTP status, else
+    UNKNOWN."""
+    if info.grpc_status is not None:
+        return info.grpc_status
+    if info.response_code:
+        return HTTP_TO_GRPC_STATUS.get(info.response_code, 2)
+    return 2
+
+
+def _request_id_integer(info: StreamInfo) -> int | None:
+    """The UUID request-id extension's ``getInteger``: the first 8 hex digits of
+    ``x-request-id``."""
+    rid = info.request.headers.get("x-request-id") if info.request is not None else None
+    if rid is None or len(rid) < 8:
+        return None
+    try:
+        return int(rid[:8], 16)
+    except ValueError:
+        return None
+
+
+LogFilterKind = Literal["status_code", "duration", "response_flag", "not_health_check",
+                        "header", "grpc_status", "runtime", "and", "or"]
+
+
 @dataclass(frozen=True, slots=True)
 class LogFilter:
     """An access log filter tree: ``status_code``, ``duration`` (ms), ``response_flag``
     (``flags`` empty: any flag), ``not_health_check`` (Remora marks no request as a health
-    check, so it always passes), ``and`` / ``or`` over ``children``."""
+    check, so it always passes), ``header`` (a request header matcher), ``grpc_status``
+    (``statuses``, or all but them with ``exclude``), ``runtime`` (``percent`` of requests,
+    sampled on the request id unless ``independent``), ``and`` / ``or`` over ``children``."""
 
-    kind: Literal["status_code", "duration", "response_flag", "not_health_check", "and", "or"]
+    kind: LogFilterKind
     comparison: Comparison | None = None
     flags: frozenset[str] = frozenset()
     children: tuple[LogFilter, ...] = ()
+    header: HeaderMatcher | None = None
+    statuses: frozenset[int] = frozenset()
+    exclude: bool = False
+    percent: FractionalPercent | None = None
+    independent: bool = False
 
     def allows(self, info: StreamInfo) -> bool:
         k = self.kind
@@ -800,6 +842,15 @@ class LogFilter:
             return not self.flags.isdisjoint(info.response_flags)
         if k == "not_health_check":
             return True
+        if k == "header":
+            assert self.header is not None
+            return info.request is not None and self.header.matches(info.request)
+        if k == "grpc_status":
+            return (grpc_status_of(info) in self.statuses) != self.exclude
+        if k == "runtime":
+            assert self.percent is not None
+            value = None if self.independent else _request_id_integer(info)
+            return self.percent.hit(random.getrandbits(64) if value is None else value)
         if k == "and":
             return all(c.allows(info) for c in self.children)
         return any(c.allows(info) for c in self.children)
@@ -836,7 +887,13 @@ SUPPORTED_FIELDS: dict[str, str | frozenset[str]] = {
     "envoy.config.accesslog.v3.AccessLog": frozenset({"name", "filter", "typed_config"}),
     "envoy.config.accesslog.v3.AccessLogFilter": frozenset({
         "status_code_filter", "duration_filter", "not_health_check_filter",
-        "response_flag_filter", "and_filter", "or_filter"}),
+        "response_flag_filter", "and_filter", "or_filter", "header_filter",
+        "grpc_status_filter", "runtime_filter"}),
+    "envoy.config.accesslog.v3.HeaderFilter": frozenset({"header"}),
+    "envoy.config.accesslog.v3.GrpcStatusFilter": frozenset({"statuses", "exclude"}),
+    "envoy.config.accesslog.v3.RuntimeFilter": frozenset({
+        "runtime_key", "percent_sampled", "use_independent_randomness"}),
+    "envoy.type.v3.FractionalPercent": frozenset({"numerator", "denominator"}),
     "envoy.config.accesslog.v3.StatusCodeFilter": frozenset({"comparison"}),
     "envoy.config.accesslog.v3.DurationFilter": frozenset({"comparison"}),
     "envoy.config.accesslog.v3.ComparisonFilter": frozenset({"op", "value"}),
@@ -869,8 +926,10 @@ _REQ_WITHOUT_QUERY = req_without_query_pb2.ReqWithoutQuery.DESCRIPTOR.full_name
 
 
 def _check(msg: Message, path: str) -> None:
-    """Refuse any field Remora does not implement, naming its path."""
-    check_fields(msg, path, SUPPORTED_FIELDS)
+    """Refuse any field Remora does not implement, naming its path (a header filter's
+    matcher is checked with the route matchers, by :func:`_filter`)."""
+    check_fields(msg, path, SUPPORTED_FIELDS,
+                 skip_types=("envoy.config.route.v3.HeaderMatcher",))
 
 
 _OPS: tuple[Literal["EQ", "GE", "LE", "NE"], ...] = ("EQ", "GE", "LE", "NE")
@@ -898,6 +957,25 @@ def _filter(msg: Any, path: str) -> LogFilter:
         if bad:
             raise BadInput(f"{path}.response_flag_filter.flags: unknown response flag {bad[0]}")
         return LogFilter(kind="response_flag", flags=flags)
+    if which == "header_filter":
+        from remora.proxy.http.routes_compile import check_http_supported, header_matcher
+        check_http_supported(msg.header_filter.header, f"{path}.header_filter.header")
+        return LogFilter(kind="header", header=header_matcher(
+            msg.header_filter.header, f"{path}.header_filter.header"))
+    if which == "grpc_status_filter":
+        g = msg.grpc_status_filter
+        return LogFilter(kind="grpc_status", statuses=frozenset(g.statuses), exclude=g.exclude)
+    if which == "runtime_filter":
+        r = msg.runtime_filter
+        if not r.runtime_key:
+            raise BadInput(f"{path}.runtime_filter.runtime_key: is required")
+        # (no runtime layers here: the key never overrides the default percentage)
+        percent = FractionalPercent(numerator=r.percent_sampled.numerator,
+                                    denominator=(100, 10000, 1000000)[
+                                        r.percent_sampled.denominator]) \
+            if r.HasField("percent_sampled") else FractionalPercent(numerator=0)
+        return LogFilter(kind="runtime", percent=percent,
+                         independent=r.use_independent_randomness)
     if which in ("and_filter", "or_filter"):
         sub = getattr(msg, which).filters
         if len(sub) < 2:

@@ -79,8 +79,6 @@ HCM_STATS = (
 HCM_GAUGES = ("downstream_cx_active", "downstream_rq_active")
 EXCHANGE_FILTERS = ("istio.metadata_exchange", "istio.peer_metadata")
 CORS_TYPE: Final = "envoy.extensions.filters.http.cors.v3.Cors"
-# Grpc::Utility::httpToGrpcStatus (gRPC's "HTTP to gRPC status code mapping").
-GRPC_STATUS = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
 
 
 
@@ -1350,7 +1348,8 @@ class _Stream:
         text in ``grpc-message`` (percent-encoded, gRPC's HTTP/2 spec)."""
         headers = HeaderMap.trusted([("content-type", "application/grpc")])
         given = dict(extra)
-        code = given.pop("grpc-status", None) or str(GRPC_STATUS.get(status, 2))
+        code = given.pop("grpc-status", None) or str(
+            accesslog.HTTP_TO_GRPC_STATUS.get(status, 2))
         headers.add("grpc-status", code)
         message = given.pop("grpc-message", None) or body
         if message:

@@ -323,6 +323,9 @@ def _header_matcher(msg: Message, path: str) -> rt.HeaderMatcher:
     return rt.HeaderMatcher(kind="string", string=sm, **common)
 
 
+header_matcher = _header_matcher     # (the access log's header filter uses it too)
+
+
 def _header_matchers(msgs: Iterable[Message], path: str) -> tuple[rt.HeaderMatcher, ...]:
     return tuple(_header_matcher(m, f"{path}[{i}]") for i, m in enumerate(msgs))
 

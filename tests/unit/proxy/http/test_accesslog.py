@@ -327,14 +327,70 @@ def test_compile_filters() -> None:
     assert anyflag.render(http_info()) is None and anyflag.render(http_info(response_flags={"UF"}))
 
 
+def _one(filter_: dict[str, Any]) -> al.AccessLogConfig:
+    (cfg,) = al.compile_access_logs([access_log({"filter": filter_,
+                                                 "typed_config": {"@type": STDOUT}})], "x")
+    return cfg
+
+
+def test_header_filter_matches_request_headers() -> None:
+    cfg = _one({"header_filter": {"header": {"name": "x-debug", "string_match": {
+        "exact": "1"}}}})
+    assert cfg.render(http_info()) is None
+    with_header = http_info()
+    assert with_header.request is not None
+    with_header.request.headers.add("x-debug", "1")
+    assert cfg.render(with_header) is not None
+    method = _one({"header_filter": {"header": {"name": ":method", "string_match": {
+        "exact": "GET"}}}})
+    assert method.render(http_info()) is not None and method.render(tcp_info()) is None
+
+
+def test_grpc_status_filter_with_envoys_inference_from_http() -> None:
+    unavailable = _one({"grpc_status_filter": {"statuses": ["UNAVAILABLE", "INTERNAL"]}})
+    assert unavailable.render(http_info(grpc_status=14)) is not None
+    assert unavailable.render(http_info(grpc_status=0)) is None
+    # no grpc-status: inferred from the HTTP status (503 → UNAVAILABLE, 200 → UNKNOWN)
+    assert unavailable.render(http_info(response_code=503, grpc_status=None)) is not None
+    assert unavailable.render(http_info(response_code=200, grpc_status=None)) is None
+    not_ok = _one({"grpc_status_filter": {"statuses": ["OK"], "exclude": True}})
+    assert not_ok.render(http_info(grpc_status=0)) is None
+    assert not_ok.render(http_info(response_code=200, grpc_status=None)) is not None
+
+
+def test_runtime_filter_samples_on_the_request_id() -> None:
+    half = _one({"runtime_filter": {"runtime_key": "log.sample", "percent_sampled": {
+        "numerator": 50, "denominator": "HUNDRED"}}})
+
+    def with_id(rid: str) -> StreamInfo:
+        info = http_info()
+        assert info.request is not None
+        info.request.headers.set("x-request-id", rid)
+        return info
+    # Envoy: the first 8 hex digits of the UUID, modulo the denominator
+    assert half.render(with_id("00000031-0000-4000-8000-000000000000")) is not None  # 49
+    assert half.render(with_id("00000032-0000-4000-8000-000000000000")) is None      # 50
+    assert half.render(with_id("00000095-ffff-4000-8000-000000000000")) is not None  # 149
+    none = _one({"runtime_filter": {"runtime_key": "k"}})            # no percent: 0 %
+    assert none.render(with_id("00000000-0000-4000-8000-000000000000")) is None
+    every = _one({"runtime_filter": {"runtime_key": "k", "use_independent_randomness": True,
+                                     "percent_sampled": {"numerator": 100}}})
+    assert every.render(with_id("00000063-0000-4000-8000-000000000000")) is not None
+
+
 @pytest.mark.parametrize(("entry", "needle"), [
     ({"typed_config": {"@type": FILE, "path": "/tmp/x", "typed_json_format": {}}},
      r"field hcm.access_log\[0\].typed_config.typed_json_format \(Remora"),
     ({"typed_config": {"@type": FILE, "path": "/tmp/x", "log_format": {
         "text_format": "%NOPE%"}}}, r"hcm.access_log\[0\].typed_config.log_format: .*%NOPE%"),
     ({"typed_config": {"@type": FILE}}, r"hcm.access_log\[0\].typed_config.path is required"),
-    ({"filter": {"runtime_filter": {"runtime_key": "a"}}, "typed_config": {"@type": STDOUT}},
-     r"hcm.access_log\[0\].filter.runtime_filter"),
+    ({"filter": {"traceable_filter": {}}, "typed_config": {"@type": STDOUT}},
+     r"hcm.access_log\[0\].filter.traceable_filter"),
+    ({"filter": {"runtime_filter": {"runtime_key": ""}}, "typed_config": {"@type": STDOUT}},
+     r"hcm.access_log\[0\].filter.runtime_filter.runtime_key: is required"),
+    ({"filter": {"header_filter": {"header": {"name": "x", "string_match": {
+        "safe_regex": {"regex": "(["}}}}}, "typed_config": {"@type": STDOUT}},
+     r"filter\.header_filter\.header\.string_match\.safe_regex"),
     ({"filter": {"response_flag_filter": {"flags": ["UF", "XX"]}},
       "typed_config": {"@type": STDOUT}}, "unknown response flag XX"),
     ({"typed_config": {"@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3"
