@@ -425,7 +425,7 @@ class _StartTime(Provider):
         self.prefix = ""
 
     def get(self, info: StreamInfo) -> Value:
-        us = round(info.start_time * 1_000_000)
+        us = int(info.start_time * 1_000_000 + 0.5)     # (round() is a builtins lookup)
         sec, frac = divmod(us, 1_000_000)
         if sec != self.second:
             self.second = sec

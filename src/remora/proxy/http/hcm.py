@@ -79,6 +79,8 @@ HCM_STATS = (
 HCM_GAUGES = ("downstream_cx_active", "downstream_rq_active")
 EXCHANGE_FILTERS = ("istio.metadata_exchange", "istio.peer_metadata")
 CORS_TYPE: Final = "envoy.extensions.filters.http.cors.v3.Cors"
+# (a Final reference: compiled code calls it without looking ``time`` up as a module attribute)
+_wall_clock: Final = time.time
 
 
 
@@ -627,7 +629,14 @@ class _Downstream(asyncio.Protocol):
         """Output is pending: write it at the end of this batch of events."""
         self.flusher.mark(self)
 
+    def mark_dirty(self) -> bool:
+        if self.dirty:
+            return False
+        self.dirty = True
+        return True
+
     def write_now(self) -> None:
+        self.dirty = False
         if self.codec is None or self.transport is None:
             return
         out = self.codec.data_to_send()
@@ -643,9 +652,8 @@ class _Downstream(asyncio.Protocol):
         if self.h1:
             # Held events first: a ProtocolError behind this (pipelined) request still owes
             # its own 400 before the connection closes.
-            resume = getattr(codec, "resume", None)
-            if resume is not None and not self.closing:
-                self._dispatch(resume())
+            if isinstance(codec, H1ServerCodec) and not self.closing:
+                self._dispatch(codec.resume())
                 self.flush()
             if not codec.keep_alive or self.closing:
                 self.flush()
@@ -851,7 +859,7 @@ class _Stream:
         self.task: asyncio.Task[None] | None = None
         self.start_mono = conn.loop.time()
         self.info = StreamInfo(
-            start_time=time.time(), protocol=ev.head.protocol, request=ev.head,
+            start_time=_wall_clock(), protocol=ev.head.protocol, request=ev.head,
             downstream_local_address=conn.local_text,
             downstream_remote_address=conn.remote_text,
         )
@@ -1403,7 +1411,11 @@ class _Attempt:
         self.host = host
         self.sid = 0
         self.headers: asyncio.Future[tuple[str, Any]] = loop.create_future()
-        self.complete: asyncio.Future[str] = loop.create_future()
+        # How the response ended ("ok", "reset:<reason>"; "" while it goes on). A future
+        # for it is made only when the router has to wait (see wait_complete): most
+        # responses are whole by the time they are committed.
+        self.outcome = ""
+        self._waiter: asyncio.Future[str] | None = None
         self.committed = False
         self.done = False
         self.early: list[bytes] = []
@@ -1458,8 +1470,17 @@ class _Attempt:
     def _complete(self, how: str) -> None:
         self.done = True
         self._request_ended()
-        if not self.complete.done():
-            self.complete.set_result(how)
+        if not self.outcome:
+            self.outcome = how
+            w = self._waiter
+            if w is not None and not w.done():
+                w.set_result(how)
+
+    def wait_complete(self) -> asyncio.Future[str]:
+        """A future for :attr:`outcome` (call while it is still "")."""
+        if self._waiter is None:
+            self._waiter = self.loop.create_future()
+        return self._waiter
 
     def request_started(self, active_stat: str) -> None:
         """The request goes upstream: it counts as active for the host (LEAST_REQUEST
@@ -1570,7 +1591,8 @@ class _Router:
             self.tried.append(host)
             outcome, value, attempt = await self._try(host, attempt_no, deadline)
             if outcome == "response":
-                head, end_stream = value
+                head: ResponseHead = value[0]
+                end_stream: bool = value[1]
                 if (self._retriable_status(head.status) and self._may_retry()):
                     assert attempt is not None
                     attempt.abandon()
@@ -1800,21 +1822,20 @@ class _Router:
         head.headers.set("x-envoy-upstream-service-time",
                          str(int((self.loop.time() - attempt.start) * 1000)))
         attempt.commit(head, end_stream)
-        if not attempt.complete.done():
+        how = attempt.outcome
+        if not how:
             try:
                 if deadline is None:
-                    how = await attempt.complete
+                    how = await attempt.wait_complete()
                 else:
                     async with asyncio.timeout(max(0.0, deadline - self.loop.time())):
-                        how = await attempt.complete
+                        how = await attempt.wait_complete()
             except TimeoutError:
                 st.inc(self.state.s["upstream_rq_timeout"])
                 s.info.response_flags.add("UT")
                 attempt.abandon()
                 s._reset_downstream()
                 return
-        else:
-            how = attempt.complete.result()
         if how.startswith("reset:"):
             s.info.response_flags.add("UC" if "termination" in how else "UR")
             s.info.response_code_details = "upstream_reset_after_response_started{" + \

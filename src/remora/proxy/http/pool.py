@@ -81,8 +81,7 @@ class Flusher:
         self.scheduled = False
 
     def mark(self, w: AnyWriter) -> None:
-        if not w.dirty:
-            w.dirty = True
+        if w.mark_dirty():
             self.dirty.append(w)
             if not self.scheduled:
                 self.scheduled = True
@@ -96,14 +95,21 @@ class Flusher:
         while self.dirty:
             batch, self.dirty = self.dirty, []
             for w in batch:
-                w.dirty = False
                 w.write_now()
 
 
 class Writer(typing.Protocol):
-    dirty: bool
+    """A connection the flusher writes for. (Methods, not a ``dirty`` attribute: compiled
+    code sets an attribute of a union-typed value through Python's generic setattr, but
+    calls a method of it directly.)"""
 
-    def write_now(self) -> None: ...
+    def mark_dirty(self) -> bool:
+        """Note that output is pending; False if it already was (then not added again)."""
+        ...
+
+    def write_now(self) -> None:
+        """Write what is pending (and clear the mark)."""
+        ...
 
 
 # The unions below name the compiled class that implements a protocol on the hot path ahead of
@@ -266,7 +272,14 @@ class UpstreamConnection(asyncio.Protocol):
         """Output is pending: write it at the end of this batch of events."""
         self.flusher.mark(self)
 
+    def mark_dirty(self) -> bool:
+        if self.dirty:
+            return False
+        self.dirty = True
+        return True
+
     def write_now(self) -> None:
+        self.dirty = False
         out = self.codec.data_to_send()
         if out and self.transport is not None and not self.lost:
             self.transport.write(out)

@@ -1069,7 +1069,11 @@ def _evaluate(mut: HeaderMutations, headers: HeaderMap, request: RequestHead | N
 
 def _levels(rc: RouteConfiguration, vh: VirtualHost, route: Route,
             which: Literal["request_headers", "response_headers"]) -> list[HeaderMutations]:
-    levels = [getattr(route, which), getattr(vh, which), getattr(rc, which)]
+    # (attributes read by name, not getattr(): compiled code reads these directly)
+    if which == "request_headers":
+        levels = [route.request_headers, vh.request_headers, rc.request_headers]
+    else:
+        levels = [route.response_headers, vh.response_headers, rc.response_headers]
     # Default: most specific first, so a less specific OVERWRITE has the last word;
     # most_specific_header_mutations_wins reverses it (route applied last).
     if rc.most_specific_header_mutations_wins:
