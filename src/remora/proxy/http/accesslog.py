@@ -966,14 +966,13 @@ def _filter(msg: Any, path: str) -> LogFilter:
         g = msg.grpc_status_filter
         return LogFilter(kind="grpc_status", statuses=frozenset(g.statuses), exclude=g.exclude)
     if which == "runtime_filter":
+        from remora.proxy.http.routes_compile import fractional_percent
         r = msg.runtime_filter
         if not r.runtime_key:
             raise BadInput(f"{path}.runtime_filter.runtime_key: is required")
         # (no runtime layers here: the key never overrides the default percentage)
-        percent = FractionalPercent(numerator=r.percent_sampled.numerator,
-                                    denominator=(100, 10000, 1000000)[
-                                        r.percent_sampled.denominator]) \
-            if r.HasField("percent_sampled") else FractionalPercent(numerator=0)
+        percent = fractional_percent(r.percent_sampled) if r.HasField("percent_sampled") \
+            else FractionalPercent(numerator=0)
         return LogFilter(kind="runtime", percent=percent,
                          independent=r.use_independent_randomness)
     if which in ("and_filter", "or_filter"):

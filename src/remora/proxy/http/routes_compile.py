@@ -272,7 +272,7 @@ def _regex(pattern: str, path: str, flags: int = 0) -> re.Pattern[str]:
 _DENOMINATORS = (100, 10000, 1000000)
 
 
-def _percent(msg: Message) -> rt.FractionalPercent:
+def fractional_percent(msg: Message) -> rt.FractionalPercent:
     return rt.FractionalPercent(numerator=msg.numerator,
                                 denominator=_DENOMINATORS[msg.denominator])
 
@@ -295,7 +295,7 @@ def _string_matcher(msg: Message, path: str) -> rt.StringMatcher:
     return rt.StringMatcher(kind=kind, value=value, ignore_case=msg.ignore_case)
 
 
-def _header_matcher(msg: Message, path: str) -> rt.HeaderMatcher:
+def header_matcher(msg: Message, path: str) -> rt.HeaderMatcher:
     name = msg.name.lower()
     if not name:
         raise BadInput(f"{path}.name: is required")
@@ -323,11 +323,8 @@ def _header_matcher(msg: Message, path: str) -> rt.HeaderMatcher:
     return rt.HeaderMatcher(kind="string", string=sm, **common)
 
 
-header_matcher = _header_matcher     # (the access log's header filter uses it too)
-
-
 def _header_matchers(msgs: Iterable[Message], path: str) -> tuple[rt.HeaderMatcher, ...]:
-    return tuple(_header_matcher(m, f"{path}[{i}]") for i, m in enumerate(msgs))
+    return tuple(header_matcher(m, f"{path}[{i}]") for i, m in enumerate(msgs))
 
 
 def _metadata(msg: Message, field: str = "metadata") -> dict[str, Any]:
@@ -434,7 +431,7 @@ def _mirrors(msgs: Iterable[Message], path: str) -> tuple[rt.RequestMirrorPolicy
             raise BadInput(f"{where}: exactly one of cluster and cluster_header is required")
         out.append(rt.RequestMirrorPolicy(
             cluster=m.cluster, cluster_header=m.cluster_header.lower(),
-            fraction=_percent(m.runtime_fraction.default_value)
+            fraction=fractional_percent(m.runtime_fraction.default_value)
             if m.HasField("runtime_fraction") else rt.ALWAYS,
             trace_sampled=_wrapped(m, "trace_sampled", None)))
     return tuple(out)
@@ -454,7 +451,8 @@ def compile_fault(msg: fault_pb2.HTTPFault, path: str) -> rt.FaultConfig:
             raise BadInput(f"{path}.delay: fixed_delay or header_delay is required")
         delay = rt.FaultDelay(fixed_delay=_seconds(d.fixed_delay) if kind == "fixed_delay"
                               else 0.0,
-                              header=kind == "header_delay", percentage=_percent(d.percentage))
+                              header=kind == "header_delay",
+                              percentage=fractional_percent(d.percentage))
     abort = None
     if msg.HasField("abort"):
         a = msg.abort
@@ -465,7 +463,8 @@ def compile_fault(msg: fault_pb2.HTTPFault, path: str) -> rt.FaultConfig:
             raise BadInput(f"{path}.abort.http_status: must be in [200, 600)")
         abort = rt.FaultAbort(http_status=a.http_status if kind == "http_status" else None,
                               grpc_status=a.grpc_status if kind == "grpc_status" else None,
-                              header=kind == "header_abort", percentage=_percent(a.percentage))
+                              header=kind == "header_abort",
+                              percentage=fractional_percent(a.percentage))
     return rt.FaultConfig(
         delay=delay, abort=abort, upstream_cluster=msg.upstream_cluster,
         headers=_header_matchers(msg.headers, f"{path}.headers"),
@@ -512,9 +511,9 @@ def compile_cors(msg: Message, path: str) -> rt.CorsPolicy:
         allow_private_network_access=_wrapped(msg, "allow_private_network_access", None),
         forward_not_matching_preflights=_wrapped(msg, "forward_not_matching_preflights",
                                                  None),
-        filter_enabled=_percent(msg.filter_enabled.default_value)
+        filter_enabled=fractional_percent(msg.filter_enabled.default_value)
         if msg.HasField("filter_enabled") else rt.ALWAYS,
-        shadow_enabled=_percent(msg.shadow_enabled.default_value)
+        shadow_enabled=fractional_percent(msg.shadow_enabled.default_value)
         if msg.HasField("shadow_enabled") else None)
 
 
