@@ -677,6 +677,11 @@ class _Downstream(asyncio.Protocol):
             return
         self.wind_down()
 
+    @property
+    def draining(self) -> bool:
+        """No new requests will be taken on this connection, or soon will not be."""
+        return self.closing_after_streams or self._drain_timer is not None
+
     def wind_down(self) -> None:
         """Serve what is in flight, then close: no new requests on this connection (HTTP/1:
         after the response in flight; HTTP/2: the drain sequence)."""
@@ -1271,17 +1276,14 @@ class _Stream:
         if mode == "OVERWRITE" or (mode == "APPEND_IF_ABSENT" and "server" not in h):
             h.set("server", cfg.server_name)
         conn = self.conn
-        if conn.h1:
-            if head.status != 101 and (conn.closing_after_streams
-                                       or self.hcm.ctx.drains(self.hcm)):
-                if not conn.closing_after_streams:
-                    self.hcm.stats.inc(self.hcm.s["downstream_cx_drain_close"])
-                    conn.closing_after_streams = True
-                h.set("connection", "close")    # draining: this connection ends here
-        elif self.hcm.ctx.drains(self.hcm) and not conn.closing_after_streams \
-                and conn._drain_timer is None:
+        if self.hcm.ctx.drains(self.hcm) and not conn.draining \
+                and not (conn.h1 and head.status == 101):
+            # A connection made while the listeners drain: Envoy's drain close at its first
+            # response (HTTP/1 connection: close, HTTP/2 the drain sequence).
             self.hcm.stats.inc(self.hcm.s["downstream_cx_drain_close"])
-            conn.start_drain_sequence()
+            conn.wind_down()
+        if conn.h1 and conn.closing_after_streams and head.status != 101:
+            h.set("connection", "close")    # draining: this connection ends here
         if self.route is not None and self.vhost is not None and cfg.route_config is not None:
             rt.apply_response_headers(cfg.route_config, self.vhost, self.route, head,
                                       request=self.head, cluster=self.weight)

@@ -1925,6 +1925,25 @@ async def test_drain_closes_idle_connections_and_asks_busy_ones_to_close() -> No
 
 
 @run
+async def test_connection_made_during_a_drain_closes_after_its_first_response() -> None:
+    """The listeners still accept while they drain (a graceful drain): Envoy answers such a
+    connection's first request with connection: close (HTTP/1) or starts the drain
+    sequence (HTTP/2), counted in downstream_cx_drain_close."""
+    env = make_env(drain_timeout="0.05s")
+    env.ctx.start_drain()
+    c = env.client()
+    r = await c.request()
+    assert r.status == 200 and r.get("connection") == "close"
+    await c.closed()
+    h = H2Client(env)
+    sid = h.request("GET", "/")
+    assert (await h.response(sid))[0].status == 200
+    assert await goaways(h, 2) == [MAX_STREAM_ID, sid]
+    assert env.hcounter("downstream_cx_drain_close") == 2
+    await env.close()
+
+
+@run
 async def test_inbound_only_drain_leaves_outbound_connections() -> None:
     env = make_env()
     c = env.client()
