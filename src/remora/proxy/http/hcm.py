@@ -79,6 +79,7 @@ HCM_STATS = (
 HCM_GAUGES = ("downstream_cx_active", "downstream_rq_active")
 EXCHANGE_FILTERS = ("istio.metadata_exchange", "istio.peer_metadata")
 CORS_TYPE: Final = "envoy.extensions.filters.http.cors.v3.Cors"
+DECORATOR_OPERATION: Final = "x-envoy-decorator-operation"
 # (a Final reference: compiled code calls it without looking ``time`` up as a module attribute)
 _wall_clock: Final = time.time
 
@@ -879,6 +880,7 @@ class _Stream:
         self.idle_timeout = 0.0
         self.last_activity = 0.0
         self.span: tracing.Span | None = None
+        self.decorated_operation = ""        # the route decorator's, to propagate (tracing)
         self.peer_meta: telemetry.WorkloadMeta | None = None
         self.peer_sent_metadata = False
         self.finished = False
@@ -1102,6 +1104,8 @@ class _Stream:
             if vh is not None:
                 route = rt.match_route(vh, head)
         self.vhost, self.route = vh, route
+        if self.span is not None:
+            self._decorate(self.span, route)
         if route is None:
             hcm.stats.inc(hcm.s["no_route"])
             self.info.response_flags.add("NR")
@@ -1111,8 +1115,6 @@ class _Stream:
         action = route.route
         if action is not None and action.idle_timeout is not None:
             self.set_idle_timeout(rt.stream_idle_timeout(action, cfg))
-        if self.span is not None and route.decorator is not None:
-            self.span.name = route.decorator.operation
         if route.direct_response is not None:
             hcm.stats.inc(hcm.s["rq_direct_response"])
             dr = route.direct_response
@@ -1171,6 +1173,27 @@ class _Stream:
         for policy in action.request_mirror_policies:
             self._mirror(policy)
         await _Router(self, cluster, action, rt.effective_retry_policy(vh, route)).run()
+
+    def _decorate(self, span: tracing.Span, route: rt.Route | None) -> None:
+        """Envoy's route decorator (``traceRequest``): the span takes its operation name.
+        Outbound, the name goes upstream in ``x-envoy-decorator-operation`` (unless the
+        decorator says not to propagate) so the server's sidecar can name its span alike;
+        inbound, such a header renames the span and is removed before the app."""
+        dec = route.decorator if route is not None else None
+        if dec is not None and dec.operation:
+            span.name = dec.operation
+            self.decorated_operation = dec.operation if dec.propagate else ""
+        h = self.head.headers
+        if self.hcm.outbound:
+            if self.decorated_operation:
+                h.set(DECORATOR_OPERATION, self.decorated_operation)
+            return
+        override = h.get(DECORATOR_OPERATION)
+        if override is not None:
+            if override:
+                span.name = override
+                self.decorated_operation = ""
+            h.remove(DECORATOR_OPERATION)
 
     def _cors(self, rc: rt.RouteConfiguration, vh: rt.VirtualHost, route: rt.Route,
               weight: rt.ClusterWeight | None) -> bool:
@@ -1291,6 +1314,19 @@ class _Stream:
             self.hcm.upstream_response(self, head)
         if self.cors is not None:
             self.cors.response_headers(h)
+        span = self.span
+        if span is not None:
+            # Envoy's encodeHeaders: inbound, the response names the decorator's operation
+            # for the caller's span; outbound, such a header renames ours and goes no further.
+            if not self.hcm.outbound:
+                if self.decorated_operation:
+                    h.set(DECORATOR_OPERATION, self.decorated_operation)
+            else:
+                override = h.get(DECORATOR_OPERATION)
+                if override is not None:
+                    if override:
+                        span.name = override
+                    h.remove(DECORATOR_OPERATION)
 
     def send_body(self, data: bytes) -> None:
         codec = self.conn.codec

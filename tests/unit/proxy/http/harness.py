@@ -624,11 +624,13 @@ class RecordingHcm(HttpConnectionManager):
     """The real connection manager, remembering each finished stream's StreamInfo."""
 
     infos: list[StreamInfo]
+    spans: list[Any]
     done: Waitable
 
     def completed(self, s: _Stream) -> None:
         super().completed(s)
         self.infos.append(s.info)
+        self.spans.append(s.span)
         self.done.changed()
 
 
@@ -652,6 +654,7 @@ class Env:
         self.config = compile_hcm_dict(hcm)
         self.hcm = RecordingHcm(self.config, self.ctx, direction=direction)
         self.hcm.infos = []
+        self.hcm.spans = []
         self.hcm.done = Waitable()
         self.clients: list[Client] = []
         self.errors: list[dict[str, Any]] = []

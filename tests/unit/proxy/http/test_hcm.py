@@ -1576,6 +1576,51 @@ async def test_http2_max_requests_per_connection_drains() -> None:
     await env.close()
 
 
+TRACING = {"random_sampling": {"value": 100}, "provider": {
+    "name": "envoy.tracers.zipkin", "typed_config": {
+        "@type": "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig",
+        "collector_cluster": "zipkin", "collector_endpoint": "/api/v2/spans",
+        "collector_endpoint_version": "HTTP_JSON"}}}
+
+
+@pytest.mark.parametrize("direction", ["OUTBOUND", "INBOUND"])
+def test_route_decorator_operation_crosses_the_hop(direction: str) -> None:
+    """Envoy's decorator propagation: outbound, the route's operation goes upstream in
+    x-envoy-decorator-operation and one in the response renames our span (and stops here);
+    inbound, one in the request renames our span and is removed before the app, and the
+    response carries our decorator's operation back."""
+    @run
+    async def scenario() -> None:
+        seen: list[str | None] = []
+
+        async def app(req: UpReq) -> None:
+            await req.complete()
+            seen.append(req.headers.get("x-envoy-decorator-operation"))
+            req.respond(200, b"ok", headers=[("x-envoy-decorator-operation", "server-op")]
+                        if direction == "OUTBOUND" else [])
+        decorated = {**route(SVC), "decorator": {"operation": "svc.default:8080/*"}}
+        env = make_env(routes=[decorated], servers={A: Server(app)}, tracing=TRACING,
+                       direction=direction)
+        c = env.client()
+        if direction == "OUTBOUND":
+            r = await c.request()
+            assert seen == ["svc.default:8080/*"]
+            assert r.get("x-envoy-decorator-operation") is None
+            await env.info()
+            assert env.hcm.spans[0].name == "server-op"
+        else:
+            r = await c.request(headers=[("x-envoy-decorator-operation", "client-op")])
+            assert seen == [None] and r.get("x-envoy-decorator-operation") is None
+            await env.info()
+            assert env.hcm.spans[0].name == "client-op"
+            r = await c.request()
+            assert r.get("x-envoy-decorator-operation") == "svc.default:8080/*"
+            await env.info(2)
+            assert env.hcm.spans[1].name == "svc.default:8080/*"
+        await env.close()
+    scenario()
+
+
 CORS_FILTER = {"name": "envoy.filters.http.cors", "typed_config": {
     "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"}}
 
