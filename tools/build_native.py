@@ -55,6 +55,7 @@ def clean(quiet: bool = False) -> int:
     for lib in group_libraries():
         lib.unlink()
         removed += 1
+    native.stamp().unlink(missing_ok=True)
     if not quiet:
         print(f"removed {removed} compiled file(s): the hot-path modules run interpreted")
     return 0
@@ -92,6 +93,7 @@ def build() -> int:
         so = native.compiled(module)
         if so is not None:
             os.utime(so)
+    native.write_stamp()
     st = native.status()
     print(st.summary)
     return 0 if st.complete else 1

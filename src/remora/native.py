@@ -64,14 +64,25 @@ class Status:
     def summary(self) -> str:
         n = len(MODULES)
         if self.stale:
-            return (f"stale compiled modules (older than their source, or no longer listed; "
-                    f"run ./dev build): {', '.join(self.stale)}")
+            return (f"stale compiled modules (older than their source, no longer listed, or "
+                    f"built with another module list; run ./dev build): "
+                    f"{', '.join(self.stale)}")
         if not self.built:
             return "pure Python (no compiled modules: ./dev build compiles them)"
         if self.missing:
             return f"{len(self.built)} of {n} modules compiled (mypyc); interpreted: " \
                    f"{', '.join(self.missing)}"
         return f"all {n} hot-path modules compiled (mypyc)"
+
+
+def stamp() -> Path:
+    """Written by the build: the module list its shared library (mypyc's group
+    ``<hash>__mypyc`` library, which holds every module's code) was compiled from."""
+    return SRC / "remora-native-modules.txt"
+
+
+def write_stamp() -> None:
+    stamp().write_text("".join(m + "\n" for m in MODULES))
 
 
 def extension_files() -> list[Path]:
@@ -92,10 +103,22 @@ def status() -> Status:
     missing: list[str] = []
     # one left from a build whose list included it: it would shadow the current source
     stale += [m for m in map(module_of, extension_files()) if m not in MODULES]
+    shims = [m for m in MODULES if compiled(m) is not None]
+    if shims:
+        # The compiled modules call each other inside one shared library: built from another
+        # list, it would still serve a module since dropped (its shim deleted by hand).
+        try:
+            listed = stamp().read_text().split()
+        except OSError:
+            listed = []
+        if listed != list(MODULES):
+            stale += shims
     for module in MODULES:
         so = compiled(module)
         if so is None:
             missing.append(module)
+        elif module in stale:
+            continue
         elif so.stat().st_mtime < source(module).stat().st_mtime:
             stale.append(module)
         else:

@@ -27,6 +27,7 @@ def _tree(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, Path]
         os.utime(f, (1000, 1000))
     monkeypatch.setattr(native, "SRC", tmp)
     monkeypatch.setattr(native, "MODULES", ("pkg.a", "pkg.b", "pkg.c"))
+    native.write_stamp()                  # as a build of this list leaves it
     return a, b, c
 
 
@@ -68,3 +69,21 @@ def test_summary_names_the_pure_and_the_complete_cases(tmp_path: Path,
     st = native.status()
     assert st.built == ("pkg.a", "pkg.b", "pkg.c") and not st.stale and not st.missing
     assert st.summary == "all 3 hot-path modules compiled (mypyc)"
+
+
+def test_a_build_for_another_module_list_is_stale(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its shared library holds every module's code: after a module leaves the list (its
+    shim deleted by hand), the others would still call its compiled code."""
+    files = _tree(tmp_path, monkeypatch)
+    for f in files[:2]:
+        so = f.with_name(f.stem + SUFFIX)
+        so.write_bytes(b"")
+        os.utime(so, (3000, 3000))
+    monkeypatch.setattr(native, "MODULES", ("pkg.a", "pkg.b"))      # pkg.c left the list
+    st = native.status()
+    assert st.stale == ("pkg.a", "pkg.b") and "another module list" in st.summary
+    native.write_stamp()
+    assert native.status().built == ("pkg.a", "pkg.b") and native.status().complete
+    native.stamp().unlink()                                         # a build before stamps
+    assert native.status().stale == ("pkg.a", "pkg.b")
