@@ -1090,12 +1090,6 @@ class _Stream:
         head = self.head
         self._mutate_request_headers()
         hcm.request_started(self)
-        if cfg.trace is not None:
-            # Envoy's span name is the route's decorator, else "egress"/"ingress".
-            self.span = tracing.start_span(
-                cfg.trace, head, outbound=hcm.outbound,
-                operation="egress" if hcm.outbound else "ingress", rng=hcm.ctx.rng,
-                now_us=int(self.info.start_time * 1e6))
         rc = cfg.route_config
         route = None
         vh = None
@@ -1104,7 +1098,15 @@ class _Stream:
             if vh is not None:
                 route = rt.match_route(vh, head)
         self.vhost, self.route = vh, route
-        if self.span is not None:
+        if cfg.trace is not None:
+            # Envoy decides on tracing once the route is known (its own tracing settings
+            # replace the connection manager's); the span is named by the route's decorator,
+            # else "egress"/"ingress".
+            self.span = tracing.start_span(
+                cfg.trace, head, outbound=hcm.outbound,
+                operation="egress" if hcm.outbound else "ingress", rng=hcm.ctx.rng,
+                now_us=int(self.info.start_time * 1e6),
+                route=route.tracing if route is not None else None)
             self._decorate(self.span, route)
         if route is None:
             hcm.stats.inc(hcm.s["no_route"])

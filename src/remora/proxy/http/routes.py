@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple
 
-from remora.proxy.http.tracing import TracingConfig
+from remora.proxy.http.tracing import RouteTracing, TracingConfig
 from remora.proxy.http.types import HeaderMap, RequestHead, ResponseHead
 
 if typing.TYPE_CHECKING:
@@ -619,6 +619,7 @@ class Route:
     per_filter: dict[str, PerFilterConfig] = field(default_factory=dict)
     stat_prefix: str = ""
     per_request_buffer_limit_bytes: int | None = None
+    tracing: RouteTracing | None = None        # its own sampling and tags
 
     @property
     def route(self) -> RouteAction | None:

@@ -43,7 +43,7 @@ from remora.errors import BadInput
 from remora.proxy.http import routes as rt
 from remora.proxy.http.accesslog import compile_access_logs
 from remora.proxy.http.telemetry import compile_plugin_config
-from remora.proxy.http.tracing import compile_tracing
+from remora.proxy.http.tracing import compile_route_tracing, compile_tracing
 from remora.proxy.protocheck import ANY_FIELDS, check_fields
 from remora.proxy.protocheck import unpack as _unpack
 
@@ -109,9 +109,12 @@ HTTP_SUPPORTED: dict[str, str | frozenset[str]] = {
         *_MUTATION_FIELDS}),
     "envoy.config.route.v3.Route": frozenset({
         "name", "match", "route", "redirect", "direct_response", "metadata", "decorator",
-        # (no "tracing": route-level sampling overrides and custom tags are not implemented)
-        "typed_per_filter_config", "per_request_buffer_limit_bytes", "stat_prefix",
+        "typed_per_filter_config", "tracing", "per_request_buffer_limit_bytes", "stat_prefix",
         *_MUTATION_FIELDS}),
+    "envoy.config.route.v3.Tracing": frozenset({
+        "client_sampling", "random_sampling", "overall_sampling", "custom_tags"}),
+    "envoy.type.tracing.v3.CustomTag": frozenset({"tag", "literal"}),    # literal tags only
+    "envoy.type.tracing.v3.CustomTag.Literal": frozenset({"value"}),
     "envoy.config.route.v3.RouteMatch": frozenset({
         "prefix", "path", "safe_regex", "path_separated_prefix", "case_sensitive", "headers",
         "query_parameters", "grpc"}),
@@ -692,7 +695,9 @@ def _route(msg: Message, path: str, max_body: int, base_dir: str) -> rt.Route:
         if msg.HasField("decorator") else None,
         metadata=_metadata(msg), per_filter=_per_filter(msg, path),
         stat_prefix=msg.stat_prefix,
-        per_request_buffer_limit_bytes=_wrapped(msg, "per_request_buffer_limit_bytes", None))
+        per_request_buffer_limit_bytes=_wrapped(msg, "per_request_buffer_limit_bytes", None),
+        tracing=compile_route_tracing(msg.tracing, f"{path}.tracing")
+        if msg.HasField("tracing") else None)
 
 
 def _virtual_host(msg: Message, path: str, max_body: int, base_dir: str) -> rt.VirtualHost:

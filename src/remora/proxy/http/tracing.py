@@ -61,6 +61,39 @@ class TracingConfig:
     operation: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class RouteTracing:
+    """A route's own ``tracing`` (``envoy.config.route.v3.Tracing``): its sampling replaces
+    the connection manager's, each unset value meaning 100 % (Envoy's ``RouteTracingImpl``),
+    and its literal custom tags are added to the span."""
+
+    client_sampling: float = 100.0
+    random_sampling: float = 100.0
+    overall_sampling: float = 100.0
+    custom_tags: tuple[tuple[str, str], ...] = ()
+
+
+def _literal_tags(tags: Any, path: str) -> tuple[tuple[str, str], ...]:
+    out: list[tuple[str, str]] = []
+    for i, t in enumerate(tags):
+        if t.WhichOneof("type") != "literal":
+            raise BadInput(f"unsupported {path}.custom_tags[{i}]: only literal tags")
+        out.append((t.tag, t.literal.value))
+    return tuple(out)
+
+
+def compile_route_tracing(msg: Any, path: str) -> RouteTracing:
+    def pct(field: str) -> float:
+        if not msg.HasField(field):
+            return 100.0
+        p = getattr(msg, field)
+        return float(p.numerator) * 100.0 / (100, 10000, 1000000)[p.denominator]
+    return RouteTracing(client_sampling=pct("client_sampling"),
+                        random_sampling=pct("random_sampling"),
+                        overall_sampling=pct("overall_sampling"),
+                        custom_tags=_literal_tags(msg.custom_tags, path))
+
+
 def compile_tracing(msg: Any, path: str) -> TracingConfig | None:
     """The ``tracing`` field of an HCM proto (already field-checked by the caller's
     allowlist). No provider: Envoy's bootstrap-level tracer would apply, which Remora does
@@ -88,11 +121,6 @@ def compile_tracing(msg: Any, path: str) -> TracingConfig | None:
 
     def pct(field: str) -> float:
         return float(getattr(msg, field).value) if msg.HasField(field) else 100.0
-    tags: list[tuple[str, str]] = []
-    for i, t in enumerate(msg.custom_tags):
-        if t.WhichOneof("type") != "literal":
-            raise BadInput(f"unsupported {path}.custom_tags[{i}]: only literal tags")
-        tags.append((t.tag, t.literal.value))
     return TracingConfig(
         collector_cluster=cfg.collector_cluster,
         collector_endpoint=cfg.collector_endpoint or "/api/v2/spans",
@@ -105,7 +133,7 @@ def compile_tracing(msg: Any, path: str) -> TracingConfig | None:
         overall_sampling=pct("overall_sampling"),
         max_path_tag_length=msg.max_path_tag_length.value
         if msg.HasField("max_path_tag_length") else 256,
-        custom_tags=tuple(tags))
+        custom_tags=_literal_tags(msg.custom_tags, path))
 
 
 # ----------------------------------------------------------------------------- context
@@ -199,22 +227,25 @@ def _id(rng: random.Random, bits: int) -> str:
 
 
 def start_span(cfg: TracingConfig, head: RequestHead, *, outbound: bool, operation: str,
-               rng: random.Random, now_us: int) -> Span:
+               rng: random.Random, now_us: int, route: RouteTracing | None = None) -> Span:
     """The span for one request, and the context written into ``head`` for the upstream
-    request (Envoy's ``ZipkinSpan::injectContext``)."""
+    request (Envoy's ``ZipkinSpan::injectContext``). A ``route`` tracing config replaces
+    the connection manager's sampling and adds its tags."""
     ctx = extract(head, w3c=cfg.w3c)
+    sampling = min(route.random_sampling, route.overall_sampling) if route is not None \
+        else min(cfg.random_sampling, cfg.overall_sampling)
     kind: Kind = "CLIENT" if outbound else "SERVER"
     if ctx is None:
         trace_id = _id(rng, 128 if cfg.trace_id_128bit else 64)
         parent = ""
         span_id = _id(rng, 64)
-        sampled = rng.random() * 100.0 < min(cfg.random_sampling, cfg.overall_sampling)
+        sampled = rng.random() * 100.0 < sampling
         shared = False
     else:
         trace_id = ctx.trace_id
         # An upstream decision is kept (B3: the caller decides for the whole trace).
         sampled = (ctx.sampled if ctx.sampled is not None
-                   else rng.random() * 100.0 < min(cfg.random_sampling, cfg.overall_sampling))
+                   else rng.random() * 100.0 < sampling)
         if cfg.shared_span_context and not outbound:
             # Zipkin's shared span: the server records the client's span id.
             span_id, parent, shared = ctx.span_id, ctx.parent_id, True
@@ -222,6 +253,8 @@ def start_span(cfg: TracingConfig, head: RequestHead, *, outbound: bool, operati
             span_id, parent, shared = _id(rng, 64), ctx.span_id, False
     span = Span(trace_id=trace_id, span_id=span_id, parent_id=parent, sampled=sampled,
                 kind=kind, name=operation, start_us=now_us, shared=shared)
+    if route is not None:
+        span.tags.update(route.custom_tags)
     h = head.headers
     h.set("x-b3-traceid", trace_id)
     h.set("x-b3-spanid", span_id)

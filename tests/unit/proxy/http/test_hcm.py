@@ -1621,6 +1621,26 @@ def test_route_decorator_operation_crosses_the_hop(direction: str) -> None:
     scenario()
 
 
+@run
+async def test_route_tracing_replaces_the_sampling_and_adds_tags() -> None:
+    """A route's own tracing settings replace the connection manager's sampling (100 %
+    here): 0 % on this route, unset (100 %) on the other; its literal tags join the span."""
+    quiet = {**route(SVC, prefix="/quiet", name="quiet"), "tracing": {
+        "random_sampling": {"numerator": 0},
+        "custom_tags": [{"tag": "team", "literal": {"value": "payments"}}]}}
+    tagged = {**route(SVC, name="tagged"), "tracing": {
+        "custom_tags": [{"tag": "team", "literal": {"value": "search"}}]}}
+    env = make_env(routes=[quiet, tagged], tracing=TRACING)
+    c = env.client()
+    assert (await c.request("GET", "/quiet")).status == 200
+    assert (await c.request("GET", "/loud")).status == 200
+    await env.info(2)
+    q, loud = env.hcm.spans
+    assert not q.sampled and q.tags == {"team": "payments"}
+    assert loud.sampled and loud.tags == {"team": "search"}
+    await env.close()
+
+
 CORS_FILTER = {"name": "envoy.filters.http.cors", "typed_config": {
     "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"}}
 
