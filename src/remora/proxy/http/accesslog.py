@@ -42,7 +42,7 @@ from google.protobuf import json_format as pb_json
 from google.protobuf.message import Message
 
 from remora.errors import BadInput
-from remora.proxy.http.routes import FractionalPercent, HeaderMatcher
+from remora.proxy.http.routes import FractionalPercent, HeaderMatcher, is_grpc_request
 from remora.proxy.http.types import HeaderMap, StreamInfo
 from remora.proxy.protocheck import ANY_FIELDS, check_fields
 from remora.proxy.protocheck import unpack as _unpack
@@ -513,7 +513,11 @@ class _GrpcStatus(Provider):
         self.number = number
 
     def get(self, info: StreamInfo) -> Value:
-        code = info.grpc_status
+        # Envoy's GrpcStatusFormatter: gRPC requests only, the status inferred from the HTTP
+        # one when the response carried none
+        if info.request is None or not is_grpc_request(info.request):
+            return None
+        code = inferred_grpc_status(info)
         if code is None:
             return None
         if self.number:
@@ -782,15 +786,22 @@ HTTP_TO_GRPC_STATUS: Final[dict[int, int]] = {
     400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 504: 14}
 
 
-def grpc_status_of(info: StreamInfo) -> int:
-    """Envoy's ``Grpc::Common::getGrpcStatus(trailers, headers, info)`` as the access log
-    filter reads it: the ``grpc-status`` sent, else one inferred from the HTTP status, else
-    UNKNOWN."""
+def inferred_grpc_status(info: StreamInfo) -> int | None:
+    """Envoy's ``Grpc::Common::getGrpcStatus(trailers, headers, info)``: the ``grpc-status``
+    sent, else one inferred from the HTTP status (``httpToGrpcStatus``), else None (no
+    response)."""
     if info.grpc_status is not None:
         return info.grpc_status
     if info.response_code:
         return HTTP_TO_GRPC_STATUS.get(info.response_code, 2)
-    return 2
+    return None
+
+
+def grpc_status_of(info: StreamInfo) -> int:
+    """The access log's gRPC status filter: :func:`inferred_grpc_status`, UNKNOWN without
+    a response."""
+    code = inferred_grpc_status(info)
+    return 2 if code is None else code
 
 
 def _request_id_integer(info: StreamInfo) -> int | None:

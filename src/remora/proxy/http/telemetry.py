@@ -31,7 +31,8 @@ from typing import Any, Final, Literal, TypeVar
 from google.protobuf import duration_pb2, struct_pb2
 from google.protobuf.message import DecodeError
 
-from remora.proxy.http.accesslog import response_flags_text
+from remora.proxy.http.accesslog import inferred_grpc_status, response_flags_text
+from remora.proxy.http.routes import is_grpc_request
 from remora.proxy.http.types import HeaderMap, StreamInfo
 from remora.proxy.stats import Labels, Stats
 
@@ -404,11 +405,7 @@ def security_policy(reporter: Reporter, mtls: bool) -> str:
 
 def is_grpc(info: StreamInfo) -> bool:
     """Envoy's ``isGrpcRequestHeaders``: content-type ``application/grpc`` (``+proto`` …)."""
-    if info.request is None:
-        return False
-    ct = info.request.headers.get("content-type")
-    return ct is not None and (ct == "application/grpc"
-                               or ct.startswith(("application/grpc+", "application/grpc;")))
+    return info.request is not None and is_grpc_request(info.request)
 
 
 def _service(value: DestinationService | str) -> DestinationService:
@@ -430,8 +427,10 @@ def record_http(store: Stats, *, reporter: Reporter, local: WorkloadMeta,
     (headers included); the body counts of ``info`` are used unless ``request_bytes`` /
     ``response_bytes`` say otherwise. Returns the label values used."""
     grpc = is_grpc(info)
-    grpc_status = (str(info.grpc_status) if info.grpc_status is not None else "") if grpc \
-        else ""
+    # istio_stats.cc: Grpc::Common::getGrpcStatus(trailers, headers, info), so a gRPC
+    # request answered without grpc-status gets one inferred from the HTTP status
+    code = inferred_grpc_status(info) if grpc else None
+    grpc_status = "" if code is None else str(code)
     peer_part = peer_labels(reporter, local, peer, _service(destination_service),
                             peer_principal=peer_principal)
     # The same tuple object for the same labels, so that the histograms find their series

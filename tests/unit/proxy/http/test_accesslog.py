@@ -126,9 +126,26 @@ def test_every_simple_operator() -> None:
         "GRPC_STATUS(SNAKE_STRING)": "UNAVAILABLE", "GRPC_STATUS(NUMBER)": "14",
         "GRPC_STATUS_NUMBER": "14", "HOSTNAME": socket.gethostname(),
     }
+    assert info.request is not None
+    info.request.headers.add("content-type", "application/grpc")
     assert set(al.OPERATORS) >= {k.split("(")[0] for k in cases}
     for op, expected in cases.items():
         assert fmt(f"%{op}%", info) == expected, op
+
+
+def test_grpc_status_only_for_grpc_requests_and_inferred_from_http() -> None:
+    """Envoy's GrpcStatusFormatter: "-" for a request that is not gRPC; without a
+    grpc-status, the status mapped from the HTTP one (httpToGrpcStatus)."""
+    assert fmt("%GRPC_STATUS%", http_info(grpc_status=14)) == "-"       # not a gRPC request
+
+    def grpc(**kw: Any) -> StreamInfo:
+        info = http_info(**kw)
+        assert info.request is not None
+        info.request.headers.add("content-type", "application/grpc+proto")
+        return info
+    assert fmt("%GRPC_STATUS%", grpc(response_code=503)) == "Unavailable"
+    assert fmt("%GRPC_STATUS(NUMBER)%", grpc(response_code=200)) == "2"     # Unknown
+    assert fmt("%GRPC_STATUS%", grpc(response_code=0)) == "-"              # no response
 
 
 def test_unset_values_print_dash() -> None:

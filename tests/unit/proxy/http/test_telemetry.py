@@ -167,6 +167,28 @@ def test_recorded_values_and_histograms() -> None:
     assert fams[tm.REQUEST_BYTES].histograms[labels].count == 3
 
 
+def test_grpc_response_status_inferred_when_the_response_carried_none() -> None:
+    """istio_stats.cc labels a gRPC request with Grpc::Common::getGrpcStatus(trailers,
+    headers, info): a 503 without grpc-status is UNAVAILABLE (14); a plain HTTP request has
+    no gRPC status."""
+    store = Stats()
+    local = tm.workload_from_node(NODE)
+    grpc_head = RequestHead("POST", "/pkg.Svc/M", authority="reviews:9080",
+                            headers=HeaderMap([("content-type", "application/grpc")]))
+    got = {}
+    for name, kw in (("grpc", {"request": grpc_head, "response_code": 503}),
+                     ("sent", {"request": grpc_head, "grpc_status": 5}),
+                     ("http", {"response_code": 503})):
+        labels = tm.record_http(store, reporter="source", local=local, peer=REVIEWS,
+                                info=info(**kw),
+                                destination_service="reviews.default.svc.cluster.local")
+        got[name] = dict(zip(tm.HTTP_LABELS, labels, strict=True))
+    assert got["grpc"]["request_protocol"] == "grpc"
+    assert got["grpc"]["grpc_response_status"] == "14"
+    assert got["sent"]["grpc_response_status"] == "5"
+    assert got["http"]["grpc_response_status"] == ""
+
+
 def test_tcp_metrics() -> None:
     store = Stats()
     i = StreamInfo(start_time=0, bytes_received=517, bytes_sent=4210, duration=0.16,
