@@ -1514,6 +1514,16 @@ async def goaways(h: H2Client, n: int) -> list[int]:
     return h.goaways
 
 
+async def served_then_drained(env: Env) -> H2Client:
+    """One HTTP/2 request served, then the drain sequence's two GOAWAYs (the notice, then
+    the final one naming that request's stream)."""
+    h = H2Client(env)
+    sid = h.request("GET", "/")
+    assert (await h.response(sid))[0].status == 200
+    assert await goaways(h, 2) == [MAX_STREAM_ID, sid]
+    return h
+
+
 @run
 async def test_http2_listener_drain_is_envoys_two_step_goaway() -> None:
     """A drain on a busy HTTP/2 connection: first a GOAWAY with the largest stream id (new
@@ -1551,10 +1561,7 @@ async def test_http2_idle_timeout_drains_then_closes_when_the_client_does() -> N
     waits (delayed_close_timeout) for the client to close its side."""
     env = make_env(common_http_protocol_options={"idle_timeout": "0.05s"},
                    drain_timeout="0.05s", delayed_close_timeout="5s")
-    h = H2Client(env)
-    sid = h.request("GET", "/")
-    assert (await h.response(sid))[0].status == 200
-    assert await goaways(h, 2) == [MAX_STREAM_ID, sid]
+    h = await served_then_drained(env)
     assert env.hcounter("downstream_cx_idle_timeout") == 1
     await settle(lambda: False, rounds=50)
     assert not h.c.end.eof and not h.c.end.lost    # the close waits for the client
@@ -1568,10 +1575,7 @@ async def test_http2_idle_timeout_drains_then_closes_when_the_client_does() -> N
 async def test_http2_max_requests_per_connection_drains() -> None:
     env = make_env(common_http_protocol_options={"max_requests_per_connection": 1},
                    drain_timeout="0.05s")
-    h = H2Client(env)
-    sid = h.request("GET", "/")
-    assert (await h.response(sid))[0].status == 200
-    assert await goaways(h, 2) == [MAX_STREAM_ID, sid]
+    await served_then_drained(env)
     assert env.hcounter("downstream_cx_max_requests_reached") == 1
     await env.close()
 
@@ -2000,10 +2004,7 @@ async def test_connection_made_during_a_drain_closes_after_its_first_response() 
     r = await c.request()
     assert r.status == 200 and r.get("connection") == "close"
     await c.closed()
-    h = H2Client(env)
-    sid = h.request("GET", "/")
-    assert (await h.response(sid))[0].status == 200
-    assert await goaways(h, 2) == [MAX_STREAM_ID, sid]
+    await served_then_drained(env)
     assert env.hcounter("downstream_cx_drain_close") == 2
     await env.close()
 
