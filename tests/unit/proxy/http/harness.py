@@ -690,6 +690,11 @@ class Env:
     async def close(self) -> None:
         for c in self.clients:
             c.transport.close()
+        runners = {c.runner for c in self.clients}
+        if runners:
+            # Each connection's stream runner ends once its connection has.
+            _, pending = await asyncio.wait(runners, timeout=WAIT)
+            assert not pending, "a connection's task outlived its connection"
         for srv in self.servers.values():
             for t in srv.tasks:
                 t.cancel()
@@ -725,6 +730,7 @@ class Client:
         self.conn = _Downstream(env.hcm, self.record, env.loop)
         self.end = Collector()
         self.transport, self.server_side = pipe(env.loop, self.end, self.conn)
+        self.runner = self.conn.start_runner()     # as HttpConnectionManager.handle does
         self.pos = 0
 
     def send(self, data: bytes) -> None:

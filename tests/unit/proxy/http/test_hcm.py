@@ -38,6 +38,7 @@ from tests.unit.proxy.http.harness import (
     FAULT_TYPE,
     ISTIO_RETRY,
     ROUTER,
+    WAIT,
     Client,
     Env,
     Server,
@@ -2110,4 +2111,54 @@ async def test_max_connection_duration_closes_an_idle_connection() -> None:
     c = env.client()
     assert (await c.request()).status == 200
     await c.closed()
+    await env.close()
+
+
+@run
+async def test_streams_cut_short_leave_the_connections_next_requests_whole() -> None:
+    """HTTP/1 requests on one connection run one after another in the connection's own
+    task. A stream stopped by the proxy (stream idle timeout: its request path is
+    cancelled) or by a route timeout must not spill into the next request on that
+    connection, nor end the connection's task."""
+    async def by_path(req: UpReq) -> None:
+        await req.complete()
+        if req.head.path.endswith("/hang"):
+            await asyncio.Future()
+        req.respond(200, req.head.path.encode())
+    env = make_env(stream_idle_timeout="0.1s",
+                   routes=[route(SVC, prefix="/slow", timeout="0.05s", name="slow"),
+                           route(SVC)],
+                   servers={A: Server(by_path)})
+    c = env.client()
+    for path, status in [("/hang", 408), ("/ok1", 200), ("/slow/hang", 504), ("/ok2", 200),
+                         ("/hang", 408), ("/slow/hang", 504), ("/ok3", 200)]:
+        r = await c.request(path=path)
+        assert r.status == status, (path, r.status, r.body)
+        if status == 200:
+            assert r.body == path.encode()
+    details = [i.response_code_details for i in env.infos]
+    assert details == ["stream_idle_timeout", "via_upstream", "upstream_response_timeout",
+                       "via_upstream", "stream_idle_timeout", "upstream_response_timeout",
+                       "via_upstream"]
+    assert not c.runner.done()            # still serving this connection
+    assert c.runner.cancelling() == 0     # no cancel left over for a later request
+    await env.close()
+    assert c.runner.done() and not c.runner.cancelled()
+
+
+@run
+async def test_cancelling_the_connections_task_is_not_taken_for_a_streams_own() -> None:
+    """The worker stopping cancels the connection's task while a request runs in it: the
+    request ends (DC), and the task ends cancelled instead of going on to the next
+    request as if only that stream had been stopped."""
+    env = make_env(servers={A: Server(_never)})
+    c = env.client()
+    c.send(http1_request("GET", "/", "svc") * 2)        # a second request waits its turn
+    await env.servers[A].changed.until(lambda: env.servers[A].requests)
+    c.runner.cancel()
+    await asyncio.wait({c.runner}, timeout=WAIT)
+    assert c.runner.cancelled()
+    info = await env.info()
+    assert "DC" in flags(info)
+    assert len(env.servers[A].requests) == 1            # the second one never started
     await env.close()
