@@ -74,7 +74,7 @@ HCM_STATS = (
     "downstream_cx_idle_timeout", "downstream_cx_drain_close",
     "downstream_cx_max_duration_reached", "downstream_cx_max_requests_reached",
     "downstream_cx_protocol_error", "no_route", "no_cluster", "rq_direct_response",
-    "rq_redirect", "downstream_rq_ws_on_non_ws_route",
+    "rq_redirect", "downstream_rq_ws_on_non_ws_route", "downstream_rq_too_many_premature_resets",
 )
 HCM_GAUGES = ("downstream_cx_active", "downstream_rq_active")
 EXCHANGE_FILTERS = ("istio.metadata_exchange", "istio.peer_metadata")
@@ -82,6 +82,12 @@ CORS_TYPE: Final = "envoy.extensions.filters.http.cors.v3.Cors"
 DECORATOR_OPERATION: Final = "x-envoy-decorator-operation"
 # (a Final reference: compiled code calls it without looking ``time`` up as a module attribute)
 _wall_clock: Final = time.time
+# Envoy's rapid-reset guard (CVE-2023-44487; runtime overload.premature_reset_total_stream_count
+# and overload.premature_reset_min_stream_lifetime_seconds, defaults): a stream that ends with no
+# response code within this many whole seconds was reset prematurely; once half the closed
+# streams of a connection (counted up to PREMATURE_RESET_TOTAL) were, the connection is aborted.
+PREMATURE_RESET_TOTAL: Final = 500
+PREMATURE_RESET_MIN_LIFETIME: Final = 1
 
 
 
@@ -424,6 +430,8 @@ class _Downstream(asyncio.Protocol):
         self._delayed_close: asyncio.TimerHandle | None = None   # see close()
         self._drain_timer: asyncio.TimerHandle | None = None     # see start_drain_sequence()
         self.peer_eof = False                   # the client closed its side
+        self.closed_requests = 0                # streams ended on this connection
+        self.premature_resets = 0               # of which ended early with no response
 
     # ------------------------------------------------------------------ asyncio protocol
 
@@ -453,6 +461,8 @@ class _Downstream(asyncio.Protocol):
             self.sniff = b""
         assert self.codec is not None
         self._dispatch(self.codec.receive(data))
+        if self.premature_resets:
+            self._check_premature_resets()
         self.flush()
         self.flusher.run()
 
@@ -720,6 +730,11 @@ class _Downstream(asyncio.Protocol):
     def stream_done(self, s: _Stream) -> None:
         if self.streams.get(s.id) is s:
             del self.streams[s.id]
+        self.closed_requests += 1
+        if not s.info.response_code:
+            d = s.info.duration
+            if d is None or int(d) <= PREMATURE_RESET_MIN_LIFETIME:
+                self.premature_resets += 1
         codec = self.codec
         if codec is None:
             return
@@ -839,6 +854,22 @@ class _Downstream(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def _check_premature_resets(self) -> None:
+        """Envoy's ``maybeDrainDueToPrematureResets``, after each read: abort the connection
+        once at least half its closed streams were reset prematurely, counting from
+        PREMATURE_RESET_TOTAL closed streams, or as soon as that many halved are (the ratio can
+        no longer recover). A client opening and resetting streams in a loop ("rapid reset")
+        costs it its connection, counted in ``downstream_rq_too_many_premature_resets``."""
+        n = self.closed_requests
+        if self.premature_resets * 2 < (PREMATURE_RESET_TOTAL if n < PREMATURE_RESET_TOTAL
+                                        else n) or self.closing:
+            return
+        self.hcm.stats.inc(self.hcm.s["downstream_rq_too_many_premature_resets"])
+        log.debug("[C%d] too many premature resets (%d of %d streams): aborting",
+                  self.record.cid, self.premature_resets, n)
+        self.record.details = "too_many_premature_resets"
+        self.abort()
+
     def abort(self) -> None:
         self.closing = True
         for s in list(self.streams.values()):
@@ -936,6 +967,7 @@ class _Stream:
         self.response_started = False
         self.response_done = False
         self.task: asyncio.Task[None] | None = None   # the task running it, while it runs
+        self.running = False                 # its request path (_run) has begun
         self.cancels = 0                     # cancel requests made for it (see _cancel_run)
         self.cancel_seen = False
         self.start_mono = conn.loop.time()
@@ -1032,13 +1064,20 @@ class _Stream:
             self._reset_downstream()
         else:
             self.local_reply(408, text, details=details)
-        self._cancel_run()
+        if not self._cancel_run():
+            self._finish()
 
     def _cancel_run(self) -> bool:
         """Stop this stream's request path (CancelledError at its await); False if it is
-        not running."""
+        not running, and then the caller finishes the stream. A task that has not begun
+        (HTTP/2: a reset read with its HEADERS) is cancelled too, but cancelling it throws
+        into a coroutine that never ran, so its ``finally`` (``_finish``) would never
+        run either."""
         t = self.task
         if t is None or t.done():
+            return False
+        if not self.running:
+            t.cancel()
             return False
         self.cancels += 1
         t.cancel()
@@ -1147,6 +1186,9 @@ class _Stream:
     # ------------------------------------------------------------------ the request path
 
     async def _run(self) -> None:
+        self.running = True
+        if self.finished:
+            return          # ended before its turn (see _cancel_run)
         try:
             await self._process()
         except asyncio.CancelledError:

@@ -2162,3 +2162,73 @@ async def test_cancelling_the_connections_task_is_not_taken_for_a_streams_own() 
     assert "DC" in flags(info)
     assert len(env.servers[A].requests) == 1            # the second one never started
     await env.close()
+
+
+@run
+async def test_http2_stream_reset_in_the_same_read_as_its_headers_is_finished() -> None:
+    """HEADERS and RST_STREAM in one read (the "rapid reset" pattern): the reset reaches the
+    stream before its request path has started. The stream must still end then (logged with
+    DC, gauge back to 0, forgotten by the connection) rather than linger until the
+    connection closes: a client repeating this would otherwise pile up streams without
+    bound on one connection."""
+    env = make_env(servers={A: Server(_never)})
+    h = H2Client(env)
+    for _ in range(20):
+        sid = h.codec.new_stream()
+        h.codec.send_headers(sid, request_head("GET", "/", "svc", []), True)
+        h.codec.reset(sid)
+        h.flush()                                   # HEADERS + RST_STREAM, one write
+    await env.info(20)
+    assert all("DC" in flags(i) for i in env.infos)
+    assert env.stats.gauges[f"http.{env.config.stat_prefix}.downstream_rq_active"] == 0
+    assert not h.c.conn.streams
+    await env.close()
+
+
+@run
+async def test_http2_rapid_reset_aborts_the_connection_at_envoys_threshold() -> None:
+    """Envoy's premature-reset guard (CVE-2023-44487): streams reset with no response within
+    a second count as premature; once they are half of the closed streams, counting from
+    500 (so at 250 before that), the connection is aborted and
+    ``downstream_rq_too_many_premature_resets`` counts it. Another client is unaffected."""
+    env = make_env()
+    h = H2Client(env)
+
+    def open_and_reset() -> None:
+        sid = h.codec.new_stream()
+        h.codec.send_headers(sid, request_head("GET", "/", "svc", []), True)
+        h.codec.reset(sid)
+        h.flush()
+
+    for _ in range(249):
+        open_and_reset()
+    await env.info(249)
+    assert not h.c.conn.closing
+    assert env.hcounter("downstream_rq_too_many_premature_resets") == 0
+    open_and_reset()                                   # the 250th: half of 500 can't recover
+    await h.c.closed()
+    assert env.hcounter("downstream_rq_too_many_premature_resets") == 1
+    other = H2Client(env)
+    head, _, _ = await other.response(other.request("GET", "/"))
+    assert head.status == 200
+    await env.close()
+
+
+@run
+async def test_http2_answered_streams_keep_the_connection_through_resets() -> None:
+    """Streams that got their response are not premature: a client that reset a third of
+    its streams still has its connection after 600 streams."""
+    env = make_env()
+    h = H2Client(env)
+    for i in range(600):
+        if i % 3:
+            await h.response(h.request("GET", "/"))
+        else:
+            sid = h.codec.new_stream()
+            h.codec.send_headers(sid, request_head("GET", "/", "svc", []), True)
+            h.codec.reset(sid)
+            h.flush()
+    await env.info(600)
+    assert not h.c.conn.closing
+    assert env.hcounter("downstream_rq_too_many_premature_resets") == 0
+    await env.close()
