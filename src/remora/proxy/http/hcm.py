@@ -408,8 +408,8 @@ class _Downstream(asyncio.Protocol):
         self.local_text = _addr_text(record.downstream_local)
         self.remote_text = _addr_text(record.downstream_remote)
         self.streams: dict[int, _Stream] = {}
-        # HTTP/1 streams come one after another: the connection's own task (handle) runs
-        # them in turn (serve), instead of a task per request (creating, registering and
+        # HTTP/1 streams come one after another: one task per connection (start_runner,
+        # serve) runs them in turn, instead of a task per request (creating, registering and
         # freeing an asyncio task was ~5 % of a request's instructions). HTTP/2 streams run
         # side by side, each in a task of its own.
         self.queue: list[_Stream] = []
