@@ -2232,3 +2232,42 @@ async def test_http2_answered_streams_keep_the_connection_through_resets() -> No
     assert not h.c.conn.closing
     assert env.hcounter("downstream_rq_too_many_premature_resets") == 0
     await env.close()
+
+
+@run
+async def test_pipelined_requests_behind_one_that_times_out_are_still_served() -> None:
+    """Pipelined requests wait their turn in the connection's task: the first one's stream
+    idle timeout (408) cancels only it, and the two behind it are answered in order."""
+    async def by_path(req: UpReq) -> None:
+        await req.complete()
+        if req.head.path == "/hang":
+            await asyncio.Future()
+        req.respond(200, req.head.path.encode())
+    env = make_env(stream_idle_timeout="0.1s", servers={A: Server(by_path)})
+    c = env.client()
+    c.send(http1_request(path="/hang") + http1_request(path="/2") + http1_request(path="/3"))
+    got = [await c.response() for _ in range(3)]
+    assert [(r.status, r.body) for r in got] == [(408, b"stream timeout"), (200, b"/2"),
+                                                 (200, b"/3")]
+    await env.info(3)
+    assert [i.response_code for i in env.infos] == [408, 200, 200]
+    await env.close()
+
+
+@run
+async def test_client_gone_with_requests_still_queued_ends_every_one() -> None:
+    """The client sends three pipelined requests and leaves while the first is upstream: the
+    first is cut (DC), the two behind it (held by the codec, never started, as in Envoy) are
+    dropped without reaching the upstream, and the connection's task ends."""
+    env = make_env(servers={A: Server(_never)})
+    c = env.client()
+    c.send(http1_request(path="/1") + http1_request(path="/2") + http1_request(path="/3"))
+    await env.servers[A].request(1)
+    c.transport.close()
+    await asyncio.wait({c.runner}, timeout=WAIT)
+    assert c.runner.done() and not c.runner.cancelled()
+    info = await env.info(1)
+    assert "DC" in flags(info) and len(env.infos) == 1
+    assert len(env.servers[A].requests) == 1
+    assert env.stats.gauges[f"http.{env.config.stat_prefix}.downstream_rq_active"] == 0
+    await env.close()
