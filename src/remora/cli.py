@@ -27,7 +27,7 @@ class UsageError(BadInput):
 COMMANDS = {
     "iptables": "write the pod's capture rules (Istio: pilot-agent istio-iptables)",
     "trace": "show where a connection goes through the capture rules, and why",
-    "demo": "run the capture demo in a throwaway network namespace",
+    "demo": "run the capture demo, then the sidecar behind it, in throwaway namespaces",
     "proxy": "run the sidecar proxy from an Envoy bootstrap (Istio: envoy)",
 }
 

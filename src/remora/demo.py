@@ -318,12 +318,41 @@ def run_demo(console: Console | None = None) -> int:
         )
     )
     out.print(render_table(result.rows) if out.width >= 110 else render_lines(result.rows))
-    if result.ok:
+    if not result.ok:
+        bad = sum(not row.ok for row in result.rows)
         out.print(
-            f"[green]All {len(result.rows)} connections went where Istio's rules send them.[/green]"
+            f"[bold red]{bad} connection(s) did not go where Istio's rules send them.[/bold red]"
         )
-        out.print("[dim]Namespaces and listeners removed.[/dim]")
-        return 0
-    bad = sum(not row.ok for row in result.rows)
-    out.print(f"[bold red]{bad} connection(s) did not go where Istio's rules send them.[/bold red]")
-    return 1
+        return 1
+    out.print(
+        f"[green]All {len(result.rows)} connections went where Istio's rules send them.[/green]"
+    )
+    out.print("[dim]Namespaces and listeners removed.[/dim]")
+    return _run_sidecar_part(out)
+
+
+def _run_sidecar_part(out: Console) -> int:
+    """The demo's second part: the same rules with `remora proxy` behind them."""
+    from remora.demo_sidecar import render, run_sidecar_demo
+
+    out.print()
+    out.print("[bold]Now with the sidecar behind those rules[/bold]")
+    try:
+        result = run_sidecar_demo(progress=lambda msg: out.print(f"[dim]• {msg}[/dim]"))
+    except RemoraError as exc:
+        out.print(f"[bold red]Error:[/bold red] {exc}")
+        return exc.exit_code
+    except OSError as exc:
+        out.print(f"[bold red]Error:[/bold red] {exc}")
+        return 1
+    for part in render(result, width=out.width):
+        out.print(part)
+    if not result.ok:
+        out.print("[bold red]The sidecar did not route every request as Istio's would.[/bold red]")
+        return 1
+    out.print(
+        f"[green]The sidecar routed all {len(result.calls)} requests as Istio's would: by Host "
+        "outbound, to the app from 127.0.0.6 inbound.[/green]"
+    )
+    out.print("[dim]Namespaces, apps and the sidecar stopped and removed.[/dim]")
+    return 0
