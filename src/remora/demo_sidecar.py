@@ -222,19 +222,7 @@ class _Proc:
                 raise EnvironmentFault(f"{what} did not happen in {timeout:.0f}s:\n{tail}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        for t in self._threads:
-            t.join(5)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
+        netns.stop_process(self.proc, readers=self._threads)
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -433,6 +434,26 @@ def popen_in_netns(
     return subprocess.Popen(
         cmd, stdin=stdin, stdout=stdout, stderr=stderr, text=True, env=env, close_fds=True
     )
+
+
+def stop_process(proc: subprocess.Popen[str], *, grace: float = 15.0,
+                 readers: Sequence[threading.Thread] = ()) -> None:
+    """Stop a process started with `popen_in_netns` and release it: SIGTERM, SIGKILL after
+    ``grace`` seconds, reaped; then the threads reading its output are joined (they see EOF)
+    and its pipes closed."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for t in readers:
+        t.join(5)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
 
 
 def enter_netns(ns: Netns | str) -> None:

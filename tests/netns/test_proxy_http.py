@@ -23,7 +23,6 @@ import encodings.idna  # noqa: F401  (http.client needs it after the drop to uid
 import http.client
 import json
 import os
-import subprocess
 import sys
 import threading
 import urllib.request
@@ -366,18 +365,7 @@ class Proc:
             raise AssertionError("not ready:\n" + "\n".join(self.lines[-40:]))
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        for s in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if s is not None:
-                with contextlib.suppress(OSError):
-                    s.close()
-        self._t.join(5)
+        netns.stop_process(self.proc, readers=[self._t])
 
 
 def _tool_env() -> dict[str, str]:
