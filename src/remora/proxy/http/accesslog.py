@@ -52,7 +52,8 @@ from remora.proxy.protocheck import unpack as _unpack
 #: ``ResponseFlagUtils`` order: several flags print joined with "," in this order.
 RESPONSE_FLAG_ORDER: tuple[str, ...] = (
     "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX", "RLSE",
-    "DC", "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF", "DO")
+    "DC", "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC", "OM", "DF", "DO",
+    "DR", "UDO")
 
 #: ``%RESPONSE_FLAGS_LONG%`` names (Envoy ``stream_info/utility.h``, the ``*_LONG`` strings).
 RESPONSE_FLAGS_LONG: dict[str, str] = {
@@ -66,7 +67,8 @@ RESPONSE_FLAGS_LONG: dict[str, str] = {
     "DPE": "DownstreamProtocolError", "UMSDR": "UpstreamMaxStreamDurationReached",
     "RFCF": "ResponseFromCacheFilter", "NFCF": "NoFilterConfigFound", "DT": "DurationTimeout",
     "UPE": "UpstreamProtocolError", "NC": "NoClusterFound", "OM": "OverloadManagerTerminated",
-    "DF": "DnsResolutionFailed", "DO": "DropOverload",
+    "DF": "DnsResolutionFailed", "DO": "DropOverload", "DR": "DownstreamRemoteReset",
+    "UDO": "UnconditionalDropOverload",
 }
 _FLAG_RANK = {f: i for i, f in enumerate(RESPONSE_FLAG_ORDER)}
 

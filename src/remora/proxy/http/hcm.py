@@ -88,6 +88,7 @@ _wall_clock: Final = time.time
 # streams of a connection (counted up to PREMATURE_RESET_TOTAL) were, the connection is aborted.
 PREMATURE_RESET_TOTAL: Final = 500
 PREMATURE_RESET_MIN_LIFETIME: Final = 1
+_H2_REFUSED_STREAM: Final = 7          # RFC 9113 §7 REFUSED_STREAM
 
 
 
@@ -612,7 +613,13 @@ class _Downstream(asyncio.Protocol):
                 s = self.streams.pop(ev.stream, None)
                 if s is not None:
                     self.hcm.stats.inc(self.hcm.s["downstream_rq_rx_reset"])
-                    s.downstream_reset("DC")
+                    # Envoy 1.29+: the client's RST_STREAM is DR with the codec's details.
+                    if ev.remote:
+                        refused = ev.code == _H2_REFUSED_STREAM
+                        s.downstream_reset(
+                            "DR", "http2.remote_refuse" if refused else "http2.remote_reset")
+                    else:
+                        s.downstream_reset("DPE")
             elif t is ProtocolError:
                 assert isinstance(ev, ProtocolError)
                 self._protocol_error(ev)
@@ -1172,12 +1179,14 @@ class _Stream:
         elif not writable:
             a.conn.pause_reading()
 
-    def downstream_reset(self, flag: str) -> None:
+    def downstream_reset(self, flag: str, details: str = "") -> None:
         """The client went away (or reset the stream) before the exchange finished."""
         if self.finished:
             return
         self.info.response_flags.add(flag)
-        if not self.info.response_code_details:
+        if details:
+            self.info.response_code_details = details   # the codec's, as Envoy's HCM takes it
+        elif not self.info.response_code_details:
             self.info.response_code_details = ("downstream_remote_disconnect" if flag == "DC"
                                                else "codec_error")
         if not self._cancel_run():

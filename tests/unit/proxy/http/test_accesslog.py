@@ -225,10 +225,12 @@ def test_response_flags_order() -> None:
     assert al.response_flags_text(flags) == "LH,UH,UF,DC,URX,NC,DF"
     assert al.response_flags_text(set()) == "-"
     assert al.response_flags_text({"ZZ", "UO"}) == "UO,ZZ"
-    assert list(al.RESPONSE_FLAG_ORDER[:27]) == [
+    assert list(al.RESPONSE_FLAG_ORDER) == [
         "LH", "UH", "UT", "LR", "UR", "UF", "UC", "UO", "NR", "DI", "FI", "RL", "UAEX",
         "RLSE", "DC", "URX", "SI", "IH", "DPE", "UMSDR", "RFCF", "NFCF", "DT", "UPE", "NC",
-        "OM", "DF"]
+        "OM", "DF", "DO", "DR", "UDO"]
+    assert al.response_flags_text({"DR", "DC", "UDO"}) == "DC,DR,UDO"
+    assert al.RESPONSE_FLAGS_LONG["DR"] == "DownstreamRemoteReset"
 
 
 # ----------------------------------------------------------------------------- JSON

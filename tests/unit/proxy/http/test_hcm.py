@@ -1797,12 +1797,22 @@ async def test_http2_client_reset_abandons_upstream_request() -> None:
     h.codec.reset(sid)
     h.flush()
     info = await env.info()
-    assert "DC" in flags(info)
+    # Envoy 1.29+: a client's RST_STREAM is DownstreamRemoteReset, with the codec's details.
+    assert flags(info) == {"DR"}
+    assert info.response_code_details == "http2.remote_reset"
     assert env.hcounter("downstream_rq_rx_reset") == 1
     await up.conn.changed.until(lambda: up.conn.lost)
     # The HTTP/2 connection itself goes on.
     head, body, _ = await h.response(h.request("GET", "/next"))
     assert head.status == 200 and body == b"ok /next"
+    # REFUSED_STREAM from the client: DR too, with Envoy's "refuse" details.
+    sid = h.request("GET", "/hang")
+    await env.servers[A].request(3)
+    h.codec.reset(sid, 7)
+    h.flush()
+    info = await env.info(3)
+    assert flags(info) == {"DR"}
+    assert info.response_code_details == "http2.remote_refuse"
     await env.close()
 
 
@@ -2179,7 +2189,7 @@ async def test_http2_stream_reset_in_the_same_read_as_its_headers_is_finished() 
         h.codec.reset(sid)
         h.flush()                                   # HEADERS + RST_STREAM, one write
     await env.info(20)
-    assert all("DC" in flags(i) for i in env.infos)
+    assert all(flags(i) == {"DR"} for i in env.infos)
     assert env.stats.gauges[f"http.{env.config.stat_prefix}.downstream_rq_active"] == 0
     assert not h.c.conn.streams
     await env.close()
