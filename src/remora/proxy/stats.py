@@ -39,6 +39,26 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
     600000, 1800000, 3600000)
 
 
+def default_bucket_index(v: float) -> int:
+    """:func:`bucket_index` over :data:`DEFAULT_BUCKETS`, as literal comparisons (compiled,
+    each is one native float compare: no tuple item, no float unboxing)."""
+    if v < 100:
+        if v < 5:
+            return 0 if v < 0.5 else 1 if v < 1 else 2
+        if v < 25:
+            return 3 if v < 10 else 4
+        return 5 if v < 50 else 6
+    if v < 5000:
+        if v < 500:
+            return 7 if v < 250 else 8
+        return 9 if v < 1000 else 10 if v < 2500 else 11
+    if v < 300000:
+        return 12 if v < 10000 else 13 if v < 30000 else 14 if v < 60000 else 15
+    if v < 1800000:
+        return 16 if v < 600000 else 17
+    return 18 if v < 3600000 else 19
+
+
 def bucket_index(buckets: tuple[float, ...], value: float) -> int:
     """``bisect_right``: the index of the first bound above ``value`` (compiled, this is a
     few native float comparisons instead of a call into the bisect module)."""
@@ -50,6 +70,25 @@ def bucket_index(buckets: tuple[float, ...], value: float) -> int:
         else:
             lo = mid + 1
     return lo
+
+
+class Cell:
+    """One counter or gauge. Hot paths keep the cell (:meth:`Stats.counter`,
+    :meth:`Stats.gauge`) and add to ``value`` directly: compiled, that is an add on a native
+    int field, with no dict lookup and no int object made per update."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:     # (families compare by value)
+        return isinstance(other, Cell) and other.value == self.value
+
+    __hash__ = None     # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Cell({self.value})"
 
 
 @dataclass(slots=True)
@@ -88,16 +127,31 @@ class Family:
     label_names: Labels
     buckets: tuple[float, ...] = ()
     namespace: str = ""
-    values: dict[Labels, int] = field(default_factory=dict)
+    cells: dict[Labels, Cell] = field(default_factory=dict)     # counter / gauge series
     histograms: dict[Labels, Histogram] = field(default_factory=dict)
-    # The series observed last, by the identity of its labels tuple: a caller that passes
+    # The series updated last, by the identity of its labels tuple: a caller that passes
     # the same tuple again (Istio's stats keep theirs per input) skips hashing its 25 values.
     _last_labels: Labels | None = field(default=None, repr=False, compare=False)
     _last_histogram: Histogram | None = field(default=None, repr=False, compare=False)
+    _last_cell_labels: Labels | None = field(default=None, repr=False, compare=False)
+    _last_cell: Cell | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def values(self) -> dict[Labels, int]:
+        """Counter / gauge values by label values (a copy: update through ``inc``)."""
+        return {k: c.value for k, c in self.cells.items()}
+
+    def cell(self, labels: Labels) -> Cell:
+        c = self._last_cell
+        if c is None or labels is not self._last_cell_labels:
+            c = self.cells.get(labels)
+            if c is None:
+                c = self.cells[labels] = Cell()
+            self._last_cell_labels, self._last_cell = labels, c
+        return c
 
     def inc(self, labels: Labels, by: int = 1) -> None:
-        values = self.values
-        values[labels] = values.get(labels, 0) + by
+        self.cell(labels).value += by
 
     def observe(self, labels: Labels, value: float) -> None:
         h = self._last_histogram
@@ -106,12 +160,15 @@ class Family:
             if h is None:
                 h = self.histograms[labels] = Histogram([0] * (len(self.buckets) + 1))
             self._last_labels, self._last_histogram = labels, h
-        h.counts[bucket_index(self.buckets, value)] += 1
+        buckets = self.buckets
+        h.counts[default_bucket_index(value) if buckets is DEFAULT_BUCKETS
+                 else bucket_index(buckets, value)] += 1
         h.sum += value
 
     def copy(self) -> Family:
         return Family(kind=self.kind, label_names=self.label_names, buckets=self.buckets,
-                      namespace=self.namespace, values=dict(self.values),
+                      namespace=self.namespace,
+                      cells={k: Cell(c.value) for k, c in self.cells.items()},
                       histograms={k: Histogram(list(h.counts), h.sum)
                                   for k, h in self.histograms.items()})
 
@@ -134,7 +191,7 @@ class Family:
             out["series"] = [[list(k), list(h.counts), h.sum]
                              for k, h in self.histograms.items()]
         else:
-            out["series"] = [[list(k), v] for k, v in self.values.items()]
+            out["series"] = [[list(k), c.value] for k, c in self.cells.items()]
         return out
 
     @classmethod
@@ -145,12 +202,12 @@ class Family:
             if fam.kind == "histogram":
                 fam.histograms[tuple(item[0])] = Histogram(list(item[1]), item[2])
             else:
-                fam.values[tuple(item[0])] = item[1]
+                fam.cells[tuple(item[0])] = Cell(item[1])
         return fam
 
     def merge_from(self, other: Family) -> None:
-        for k, v in other.values.items():
-            self.values[k] = self.values.get(k, 0) + v
+        for k, c in other.cells.items():
+            self.cell(k).value += c.value
         for k, h in other.histograms.items():
             have = self.histograms.get(k)
             if have is None:
@@ -201,28 +258,63 @@ def merge(snapshots: Iterable[StatsSnapshot]) -> StatsSnapshot:
 
 
 class Stats:
-    """A worker's store. Hot path: ``inc``/``add`` on a name are one dict update; labelled
-    metrics go through a :class:`Family` the caller obtained once from :meth:`family`."""
+    """A worker's store. Every counter and gauge is a :class:`Cell` by full name; ``inc`` /
+    ``gauge_add`` on a name are one dict lookup and an add, and a hot path that keeps the cell
+    skips the lookup too. Labelled metrics go through a :class:`Family` the caller obtained
+    once from :meth:`family`."""
 
-    __slots__ = ("counters", "families", "gauges")
+    __slots__ = ("_counters", "_gauges", "families")
 
     def __init__(self) -> None:
-        self.counters: dict[str, int] = {}
-        self.gauges: dict[str, int] = {}
+        self._counters: dict[str, Cell] = {}
+        self._gauges: dict[str, Cell] = {}
         self.families: dict[str, Family] = {}
 
+    @property
+    def counters(self) -> dict[str, int]:
+        """Counter values by name (a copy: update through ``inc`` or a cell)."""
+        return {n: c.value for n, c in self._counters.items()}
+
+    @property
+    def gauges(self) -> dict[str, int]:
+        """Gauge values by name (a copy: update through ``gauge_add``/``gauge_set``)."""
+        return {n: c.value for n, c in self._gauges.items()}
+
+    def counter(self, name: str) -> Cell:
+        """The cell of counter ``name`` (declared at 0 if new), for a hot path to keep."""
+        c = self._counters.get(name)
+        if c is None:
+            c = self._counters[name] = Cell()
+        return c
+
+    def gauge(self, name: str) -> Cell:
+        """The cell of gauge ``name`` (declared at 0 if new), for a hot path to keep."""
+        c = self._gauges.get(name)
+        if c is None:
+            c = self._gauges[name] = Cell()
+        return c
+
     def inc(self, name: str, by: int = 1) -> None:
-        self.counters[name] = self.counters.get(name, 0) + by
+        c = self._counters.get(name)
+        if c is None:
+            c = self._counters[name] = Cell()
+        c.value += by
 
     def declare(self, name: str, kind: Kind = "counter") -> None:
         """Make a stat exist at 0 (Envoy lists declared stats even when unused)."""
-        (self.counters if kind == "counter" else self.gauges).setdefault(name, 0)
+        if kind == "counter":
+            self.counter(name)
+        else:
+            self.gauge(name)
 
     def gauge_add(self, name: str, by: int) -> None:
-        self.gauges[name] = self.gauges.get(name, 0) + by
+        c = self._gauges.get(name)
+        if c is None:
+            c = self._gauges[name] = Cell()
+        c.value += by
 
     def gauge_set(self, name: str, value: int) -> None:
-        self.gauges[name] = value
+        self.gauge(name).value = value
 
     def family(self, name: str, kind: FamilyKind, label_names: Sequence[str], *,
                buckets: Sequence[float] = DEFAULT_BUCKETS, namespace: str = "") -> Family:
@@ -241,16 +333,16 @@ class Stats:
         return fam
 
     def snapshot(self) -> StatsSnapshot:
-        return StatsSnapshot(counters=dict(self.counters), gauges=dict(self.gauges),
+        return StatsSnapshot(counters=self.counters, gauges=self.gauges,
                              families={n: f.copy() for n, f in self.families.items()})
 
     def reset_counters(self) -> None:
-        for name in self.counters:
-            self.counters[name] = 0
+        for c in self._counters.values():
+            c.value = 0
         for fam in self.families.values():
             if fam.kind == "counter":
-                for labels in fam.values:
-                    fam.values[labels] = 0
+                for c in fam.cells.values():
+                    c.value = 0
 
 
 def listener_scope(address: str) -> str:

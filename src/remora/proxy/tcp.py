@@ -489,21 +489,19 @@ class _Session:
 
     def flush_bytes(self) -> None:
         """Add the bytes relayed since the last flush to the stat store."""
-        c = self.filter.stats.counters
+        stats = self.filter.stats
         rx = self.rx_down()
         n = rx - self._flushed_down
         if n:
             self._flushed_down = rx
-            for name in (self.filter.s["downstream_cx_rx_bytes_total"],
-                         self.cluster.stat("upstream_cx_tx_bytes_total")):
-                c[name] = c.get(name, 0) + n
+            stats.inc(self.filter.s["downstream_cx_rx_bytes_total"], n)
+            stats.inc(self.cluster.stat("upstream_cx_tx_bytes_total"), n)
         rx = self.rx_up()
         n = rx - self._flushed_up
         if n:
             self._flushed_up = rx
-            for name in (self.cluster.stat("upstream_cx_rx_bytes_total"),
-                         self.filter.s["downstream_cx_tx_bytes_total"]):
-                c[name] = c.get(name, 0) + n
+            stats.inc(self.cluster.stat("upstream_cx_rx_bytes_total"), n)
+            stats.inc(self.filter.s["downstream_cx_tx_bytes_total"], n)
 
     def upstream_protocol(self) -> _Upstream:
         return self.up

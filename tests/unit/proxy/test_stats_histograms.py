@@ -155,3 +155,48 @@ def test_stats_text_lists_labelled_counters_by_full_name() -> None:
         "a: 1\n"
         "istiocustom.istio_requests_total.reporter.source.response_code.200: 4\n")
     assert fmt.render_stats(s.snapshot(), type="Gauges") == ""
+
+
+def test_default_bucket_index_is_bisect_right_over_the_default_buckets() -> None:
+    import bisect
+
+    from remora.proxy.stats import bucket_index, default_bucket_index
+    values = [-1.0, 0.0, 1e-9, 1e12]
+    for b in DEFAULT_BUCKETS:
+        values += [b - 0.5, b - 1e-6, b, b + 1e-6, b + 0.5]
+    for v in values:
+        assert default_bucket_index(v) == bisect.bisect_right(DEFAULT_BUCKETS, v), v
+        assert bucket_index(DEFAULT_BUCKETS, v) == bisect.bisect_right(DEFAULT_BUCKETS, v), v
+
+
+def test_custom_buckets_do_not_take_the_default_path() -> None:
+    fam = Stats().family("h", "histogram", (), buckets=(2.0, 3.0))
+    fam.observe((), 2.5)
+    assert fam.histograms[()].counts == [0, 1, 0]
+
+
+def test_cells_are_the_store() -> None:
+    s = Stats()
+    cell = s.counter("a")
+    assert s.counters == {"a": 0}                       # declared by taking its cell
+    cell.value += 2
+    s.inc("a")
+    assert s.counter("a") is cell and s.counters == {"a": 3}
+    g = s.gauge("g")
+    s.gauge_add("g", 5)
+    g.value -= 1
+    assert s.gauges == {"g": 4} and s.snapshot().gauges == {"g": 4}
+    s.counters["a"] = 100                               # a copy: the store is unchanged
+    assert s.counters == {"a": 3}
+    s.reset_counters()
+    assert cell.value == 0 and s.gauges == {"g": 4}
+
+
+def test_family_counter_cells_follow_the_labels_not_the_last_tuple() -> None:
+    fam = Stats().family("c", "counter", ("a",))
+    x, y = ("x",), ("y",)
+    fam.inc(x)
+    fam.inc(y, 2)
+    fam.inc(("x",))                                     # equal labels, another tuple
+    fam.inc(x)
+    assert fam.values == {("x",): 3, ("y",): 2}

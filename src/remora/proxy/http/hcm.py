@@ -54,7 +54,7 @@ from remora.proxy.http.types import (
     Writable,
 )
 from remora.proxy.model import SocketAddress, TcpProxy
-from remora.proxy.stats import Stats
+from remora.proxy.stats import Cell, Stats
 from remora.proxy.tcp import ConnectionRecord
 from remora.proxy.timers import Deadline
 from remora.proxy.upstream import Host, UpstreamCluster, UpstreamError
@@ -104,8 +104,6 @@ def _status_text(status: int) -> str:
 
 
 # Stat names by status class (code // 100), not formatted per request.
-_DOWNSTREAM_CLASS: Final = tuple(f"downstream_rq_{c}xx" for c in range(6))
-_UPSTREAM_CLASS: Final = tuple(f"upstream_rq_{c}xx" for c in range(6))
 
 # A UUID's variant digit (10xx in binary) from any random hex digit (its two low bits).
 _VARIANT_DIGIT: Final = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
@@ -265,6 +263,16 @@ class HttpConnectionManager:
             ctx.stats.declare(scope + n, "counter")
         for n in HCM_GAUGES:
             ctx.stats.declare(scope + n, "gauge")
+        # The stats every request updates, kept as cells (see Stats.counter). By class,
+        # index 1-5 (downstream_rq_1xx..5xx; a status under 100 counts in none).
+        st = ctx.stats
+        self.rq_total = st.counter(scope + "downstream_rq_total")
+        self.rq_http1 = st.counter(scope + "downstream_rq_http1_total")
+        self.rq_http2 = st.counter(scope + "downstream_rq_http2_total")
+        self.rq_completed = st.counter(scope + "downstream_rq_completed")
+        self.rq_active = st.gauge(scope + "downstream_rq_active")
+        self.rq_class: tuple[Cell, ...] = (Cell(), *(
+            st.counter(f"{scope}downstream_rq_{c}xx") for c in range(1, 6)))
         self.loggers = accesslog.open_access_logs(config.access_logs, ctx.writers)
         istio_stats = config.filter("istio.stats")
         self.istio_stats = istio_stats is not None
@@ -1015,12 +1023,10 @@ class _Stream:
 
     def start(self) -> None:
         hcm = self.hcm
-        st, s = hcm.stats, hcm.s
         self._arm_timers()
-        st.inc(s["downstream_rq_total"])
-        st.inc(s["downstream_rq_http2_total" if self.head.protocol == "HTTP/2"
-                 else "downstream_rq_http1_total"])
-        st.gauge_add(s["downstream_rq_active"], 1)
+        hcm.rq_total.value += 1
+        (hcm.rq_http2 if self.head.protocol == "HTTP/2" else hcm.rq_http1).value += 1
+        hcm.rq_active.value += 1
         if hcm.grpc_stats is not None and rt.is_grpc_request(self.head):
             self.grpc = GrpcStream(hcm.grpc_stats, self.head.path)
             if hcm.istio_stats and hcm.grpc_stats.emit_filter_state and hcm.report_interval:
@@ -1558,13 +1564,12 @@ class _Stream:
         self.finished = True
         self._cancel_timers()
         hcm = self.hcm
-        st, s = hcm.stats, hcm.s
-        st.gauge_add(s["downstream_rq_active"], -1)
+        hcm.rq_active.value -= 1
         code = self.info.response_code
         if code:
-            st.inc(s["downstream_rq_completed"])
+            hcm.rq_completed.value += 1
             if code >= 100:
-                st.inc(s[_DOWNSTREAM_CLASS[min(code // 100, 5)]])
+                hcm.rq_class[min(code // 100, 5)].value += 1
         if not self.response_done and self.response_started:
             self._reset_downstream()
         self.info.duration = self.conn.loop.time() - self.start_mono
@@ -1597,7 +1602,7 @@ class _Attempt:
         self.start = loop.time()
         self.loop = loop
         self.status = 0
-        self.active_stat = ""   # the cluster's upstream_rq_active while the request is active
+        self.active: Cell | None = None    # the cluster's upstream_rq_active while active
 
     def on_informational(self, head: ResponseHead) -> None:
         s = self.stream
@@ -1656,19 +1661,20 @@ class _Attempt:
             self._waiter = self.loop.create_future()
         return self._waiter
 
-    def request_started(self, active_stat: str) -> None:
+    def request_started(self, active: Cell) -> None:
         """The request goes upstream: it counts as active for the host (LEAST_REQUEST
-        reads that) and for the cluster (``active_stat``) until :meth:`_request_ended`."""
+        reads that) and for the cluster (``active``) until :meth:`_request_ended`."""
         self.host.stats["rq_active"] += 1
-        self.stream.hcm.ctx.stats.gauge_add(active_stat, 1)
-        self.active_stat = active_stat
+        active.value += 1
+        self.active = active
 
     def _request_ended(self) -> None:
         """The upstream request is over (its response ended, or the try was given up on)."""
-        if self.active_stat:
+        active = self.active
+        if active is not None:
             self.host.stats["rq_active"] -= 1
-            self.stream.hcm.ctx.stats.gauge_add(self.active_stat, -1)
-            self.active_stat = ""
+            active.value -= 1
+            self.active = None
 
     def commit(self, head: ResponseHead, end_stream: bool) -> None:
         """This response goes downstream."""
@@ -1961,10 +1967,10 @@ class _Router:
         if head.protocol != "HTTP/2" and self._protocol() == "HTTP/2":
             upstream_head = head.copy()
             upstream_head.protocol = "HTTP/2"
-        st, cst = self.ctx.stats, self.cluster
-        st.inc(cst.stat("upstream_rq_total"))
+        state = self.state
+        state.rq_total.value += 1
         host.stats["rq_total"] += 1
-        attempt.request_started(cst.stat("upstream_rq_active"))
+        attempt.request_started(state.rq_active)
         body = s.body[: s.sent_upto] if s.retry_ok else []
         pending = s.body[s.sent_upto:] if s.retry_ok else s.body
         end_now = s.request_complete and not body and not pending
@@ -1986,12 +1992,12 @@ class _Router:
                        host: Host, deadline: float | None) -> None:
         s = self.s
         self._report(host, head.status)
-        st = self.ctx.stats
+        state = self.state
         code = head.status
-        st.inc(self.state.s["upstream_rq_completed"])
+        state.rq_completed.value += 1
         if 200 <= code < 600:
-            st.inc(self.state.s[_UPSTREAM_CLASS[code // 100]])
-        st.inc(self.state.code_stat(code))
+            state.rq_class[code // 100].value += 1
+        state.code_cell(code).value += 1
         s.info.response_code_details = "via_upstream"
         head.headers.set("x-envoy-upstream-service-time",
                          str(int((self.loop.time() - attempt.start) * 1000)))
@@ -2005,7 +2011,7 @@ class _Router:
                     async with asyncio.timeout(max(0.0, deadline - self.loop.time())):
                         how = await attempt.wait_complete()
             except TimeoutError:
-                st.inc(self.state.s["upstream_rq_timeout"])
+                self.ctx.stats.inc(state.s["upstream_rq_timeout"])
                 s.info.response_flags.add("UT")
                 attempt.abandon()
                 s._reset_downstream()

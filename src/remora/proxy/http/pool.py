@@ -41,7 +41,7 @@ from remora.proxy.http.types import (
     Writable,
 )
 from remora.proxy.model import OutlierDetection
-from remora.proxy.stats import Stats
+from remora.proxy.stats import Cell, Stats
 from remora.proxy.timers import Deadline
 from remora.proxy.upstream import Host, UpstreamCluster, UpstreamError
 
@@ -546,14 +546,22 @@ class ClusterHttpState:
         self.max_retries = thresholds.max_retries
         od = cluster.config.outlier_detection
         self.outlier = OutlierDetector(self, od) if od is not None else None
-        self._code_stats: dict[int, str] = {}
+        # The stats every request updates, kept as cells (see Stats.counter). By class,
+        # index 2-5 (upstream_rq_2xx..5xx; the router counts no other class).
+        self.rq_total = stats.counter(scope + "upstream_rq_total")
+        self.rq_completed = stats.counter(scope + "upstream_rq_completed")
+        self.rq_active = stats.gauge(scope + "upstream_rq_active")
+        self.rq_class: tuple[Cell, ...] = (Cell(), Cell(), *(
+            stats.counter(f"{scope}upstream_rq_{c}xx") for c in range(2, 6)))
+        self._code_cells: dict[int, Cell] = {}
 
-    def code_stat(self, code: int) -> str:
-        """``cluster.<name>.upstream_rq_<code>``, named once per status code."""
-        name = self._code_stats.get(code)
-        if name is None:
-            name = self._code_stats[code] = f"{self.scope}upstream_rq_{code}"
-        return name
+    def code_cell(self, code: int) -> Cell:
+        """``cluster.<name>.upstream_rq_<code>``'s cell, made once per status code."""
+        cell = self._code_cells.get(code)
+        if cell is None:
+            cell = self._code_cells[code] = self.stats.counter(
+                f"{self.scope}upstream_rq_{code}")
+        return cell
 
     def pool(self, host: Host, protocol: str) -> HttpPool:
         key = (id(host), protocol)

@@ -34,7 +34,7 @@ from google.protobuf.message import DecodeError
 from remora.proxy.http.accesslog import inferred_grpc_status, response_flags_text
 from remora.proxy.http.routes import is_grpc_request
 from remora.proxy.http.types import HeaderMap, StreamInfo
-from remora.proxy.stats import Labels, Stats
+from remora.proxy.stats import Family, Labels, Stats
 
 Reporter = Literal["source", "destination"]
 
@@ -416,6 +416,35 @@ def _whole_ms(seconds: float) -> int:
     return math.floor(seconds * 1000 + 1e-6)
 
 
+class _HttpFamilies:
+    """The four families :func:`record_http` updates, looked up once per store."""
+
+    __slots__ = ("duration", "request_bytes", "requests", "response_bytes", "store")
+
+    def __init__(self, store: Stats) -> None:
+        self.store = store
+        self.requests: Family = store.family(REQUESTS_TOTAL, "counter", HTTP_LABELS,
+                                             namespace=NAMESPACE)
+        self.duration: Family = store.family(REQUEST_DURATION, "histogram", HTTP_LABELS,
+                                             namespace=NAMESPACE)
+        self.request_bytes: Family = store.family(REQUEST_BYTES, "histogram", HTTP_LABELS,
+                                                  namespace=NAMESPACE)
+        self.response_bytes: Family = store.family(RESPONSE_BYTES, "histogram", HTTP_LABELS,
+                                                   namespace=NAMESPACE)
+
+
+# The last store's families (a worker has one store; a family, once made, stays in it).
+_last_families: list[_HttpFamilies] = []
+
+
+def _http_families(store: Stats) -> _HttpFamilies:
+    if _last_families and _last_families[0].store is store:
+        return _last_families[0]
+    fams = _HttpFamilies(store)
+    _last_families[:] = [fams]
+    return fams
+
+
 def record_http(store: Stats, *, reporter: Reporter, local: WorkloadMeta,
                 peer: WorkloadMeta | None, info: StreamInfo,
                 destination_service: DestinationService | str, mtls: bool = False,
@@ -444,13 +473,13 @@ def record_http(store: Stats, *, reporter: Reporter, local: WorkloadMeta,
         labels = (*peer_part, "grpc" if grpc else "http", str(info.response_code), grpc_status,
                   flags, security_policy(reporter, mtls))
         _keep(_HTTP_LABELS_CACHE, key, (peer_part, labels))
-    store.family(REQUESTS_TOTAL, "counter", HTTP_LABELS, namespace=NAMESPACE).inc(labels)
+    fams = _http_families(store)
+    fams.requests.inc(labels)
     if info.duration is not None:
-        store.family(REQUEST_DURATION, "histogram", HTTP_LABELS, namespace=NAMESPACE) \
-            .observe(labels, _whole_ms(info.duration))
-    store.family(REQUEST_BYTES, "histogram", HTTP_LABELS, namespace=NAMESPACE).observe(
+        fams.duration.observe(labels, _whole_ms(info.duration))
+    fams.request_bytes.observe(
         labels, info.bytes_received if request_bytes is None else request_bytes)
-    store.family(RESPONSE_BYTES, "histogram", HTTP_LABELS, namespace=NAMESPACE).observe(
+    fams.response_bytes.observe(
         labels, info.bytes_sent if response_bytes is None else response_bytes)
     return labels
 

@@ -179,6 +179,35 @@ async def test_proxied_request_headers_both_ways() -> None:
 
 
 @run
+async def test_envoy_request_stats_by_class_and_code() -> None:
+    """The per-request counters and gauges Envoy keeps on the HCM and the cluster, each in
+    its own stat: a 200 and a 503 from upstream, a local 404 (no route)."""
+    async def handler(req: UpReq) -> None:
+        await req.complete()
+        req.respond(503 if req.head.path == "/busy" else 200, b"x")
+    env = make_env(servers={A: Server(handler)})
+    c = env.client()
+    assert (await c.request(path="/")).status == 200
+    assert (await c.request(path="/busy")).status == 503
+    assert (await c.request(host="unknown.example")).status == 404
+    await env.info(3)
+    h = {n: env.hcounter(f"downstream_rq_{n}") for n in (
+        "total", "http1_total", "http2_total", "completed", "1xx", "2xx", "3xx", "4xx", "5xx")}
+    assert h == {"total": 3, "http1_total": 3, "http2_total": 0, "completed": 3, "1xx": 0,
+                 "2xx": 1, "3xx": 0, "4xx": 1, "5xx": 1}
+    u = {n: env.ccounter(SVC, f"upstream_rq_{n}") for n in (
+        "total", "completed", "2xx", "3xx", "4xx", "5xx", "200", "503")}
+    assert u == {"total": 2, "completed": 2, "2xx": 1, "3xx": 0, "4xx": 0, "5xx": 1,
+                 "200": 1, "503": 1}
+    gauges = env.stats.gauges
+    assert gauges[f"http.{env.config.stat_prefix}.downstream_rq_active"] == 0
+    assert gauges[f"cluster.{SVC}.upstream_rq_active"] == 0
+    assert not any(n.endswith(("_0xx", "rq_1xx")) and n.startswith("cluster.")
+                   for n in env.stats.counters)     # Envoy has no such cluster stats
+    await env.close()
+
+
+@run
 async def test_request_id_kept_and_keepalive_reuses_upstream_connection() -> None:
     env = make_env()
     c = env.client()
