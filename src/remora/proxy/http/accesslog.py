@@ -145,15 +145,15 @@ class FormatError(BadInput, ValueError):
 Value = str | int | None
 
 
-def response_flags_text(flags: Iterable[str]) -> str:
+def response_flags_text(flags: set[str]) -> str:
     """``%RESPONSE_FLAGS%``: short names in Envoy's order joined by ",", ``-`` when none.
     Names Envoy does not know go last, sorted."""
-    fs = list(flags)
-    if not fs:
+    if not flags:           # (most requests: typed as a set, compiled this is a size read)
         return UNSET
-    if len(fs) == 1:
-        return fs[0]
-    return ",".join(sorted(fs, key=lambda f: (_FLAG_RANK.get(f, len(_FLAG_RANK)), f)))
+    if len(flags) == 1:
+        for f in flags:
+            return f
+    return ",".join(sorted(flags, key=lambda f: (_FLAG_RANK.get(f, len(_FLAG_RANK)), f)))
 
 
 def _ms(seconds: float | None) -> int | None:

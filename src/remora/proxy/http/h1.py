@@ -217,6 +217,23 @@ _UP_REJECTED: Final = 3
 _UP_H2C: Final = 4
 
 
+# Field names as received -> their lower-case str. The common names repeat on every message:
+# one bytes-keyed lookup returns a str made once (whose hash is kept for the set and dict
+# lookups that follow) instead of decoding and lowering two new strings per field. Bounded,
+# since names are the peer's choice.
+_NAMES: Final[dict[bytes, str]] = {}
+_NAMES_MAX: Final = 512
+
+
+def _name_str(name: bytes) -> str:
+    n = _NAMES.get(name)
+    if n is None:
+        n = name.decode("latin-1").lower()
+        if len(_NAMES) < _NAMES_MAX:
+            _NAMES[name] = n
+    return n
+
+
 def _clean_line(line: str) -> bool:
     return line.count("\n") == 1 and line.count("\r") == 1 and "\0" not in line
 
@@ -401,7 +418,7 @@ class H1ServerCodec(_Output):
 
     def _on_header(self, name: bytes, value: bytes) -> None:
         # llhttp drops leading OWS but keeps trailing OWS (RFC 9112 §5: not part of the value).
-        if value and value[-1] in _OWS:
+        if value and (value[-1] == 32 or value[-1] == 9):     # SP / HTAB (native compares)
             value = value.rstrip(_OWS)
         if not self._in_head:
             self._on_trailer(name, value)
@@ -414,7 +431,7 @@ class H1ServerCodec(_Output):
         if self._hsize > self._max_size:
             self._fail_cb(431, HEADERS_TOO_LARGE)
         # (llhttp takes only token characters in names: ASCII, so str.lower is bytes.lower)
-        n = name.decode("latin-1").lower()
+        n = _name_str(name)
         v = value.decode("latin-1")
         kind = _REQUEST_FIELDS.get(n)
         if kind is None:
@@ -1021,13 +1038,13 @@ class H1ClientCodec(_Output):
         self._reason += frag
 
     def _on_header(self, name: bytes, value: bytes) -> None:
-        if value and value[-1] in _OWS:
+        if value and (value[-1] == 32 or value[-1] == 9):     # SP / HTAB (native compares)
             value = value.rstrip(_OWS)
         self._hcount += 1
         self._hsize += len(name) + len(value)
         if self._hcount > self._max_count or self._hsize > self._max_size:
             self._fail_cb()
-        n = name.decode("latin-1").lower()      # token characters only: ASCII
+        n = _name_str(name)                     # token characters only: ASCII
         v = value.decode("latin-1")
         if not self._in_head:
             if self._trailers is None:

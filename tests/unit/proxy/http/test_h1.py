@@ -949,3 +949,21 @@ def test_fuzz_client_split_invariant(data: bytes, method: str, points: list[int]
     whole = run([data])
     assert run(cut(data, points)) == whole
     assert run([data[i:i + 1] for i in range(len(data))]) == whole
+
+
+def test_field_names_lowered_through_the_bounded_name_cache() -> None:
+    """Names are lower-cased whatever their case and however many distinct names peers send
+    (the name cache stops growing at its bound; names past it are still lowered)."""
+    from remora.proxy.http import h1
+    for i in range(h1._NAMES_MAX + 50):
+        c = H1ServerCodec()
+        [ev] = feed(c, b"GET / HTTP/1.1\r\nHost: a\r\nX-Name-%d: v\r\nX-NAME-%d: w\r\n\r\n"
+                    % (i, i))
+        assert isinstance(ev, RequestHeaders)
+        assert ev.head.headers.items() == [(f"x-name-{i}", "v"), (f"x-name-{i}", "w")]
+    assert len(h1._NAMES) <= h1._NAMES_MAX
+    c2 = H1ClientCodec()
+    c2.send_headers(1, get(), True)
+    [ev] = merge(feed(c2, b"HTTP/1.1 200 OK\r\nContent-LENGTH: 2\r\nX-Up: 1\r\n\r\nok"))[:1]
+    assert isinstance(ev, ResponseHeaders)
+    assert ev.head.headers.items() == [("content-length", "2"), ("x-up", "1")]
