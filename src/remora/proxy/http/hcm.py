@@ -103,8 +103,6 @@ def _status_text(status: int) -> str:
         return "Unknown"
 
 
-# Stat names by status class (code // 100), not formatted per request.
-
 # A UUID's variant digit (10xx in binary) from any random hex digit (its two low bits).
 _VARIANT_DIGIT: Final = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
 
