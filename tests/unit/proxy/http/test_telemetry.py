@@ -167,6 +167,19 @@ def test_recorded_values_and_histograms() -> None:
     assert fams[tm.REQUEST_BYTES].histograms[labels].count == 3
 
 
+def test_stores_used_in_turn_each_get_their_own_series() -> None:
+    """Two stores (two workers' worth) recorded into alternately: each keeps its own counts,
+    whatever the families looked up for the other one."""
+    a, b = Stats(), Stats()
+    local = tm.workload_from_node(NODE)
+    for store in (a, b, a, a, b):
+        tm.record_http(store, reporter="source", local=local, peer=REVIEWS, info=info(),
+                       destination_service="reviews.default.svc.cluster.local")
+    assert sum(a.families[tm.REQUESTS_TOTAL].values.values()) == 3
+    assert sum(b.families[tm.REQUESTS_TOTAL].values.values()) == 2
+    assert [h.count for h in b.families[tm.REQUEST_BYTES].histograms.values()] == [2]
+
+
 def test_grpc_response_status_inferred_when_the_response_carried_none() -> None:
     """istio_stats.cc labels a gRPC request with Grpc::Common::getGrpcStatus(trailers,
     headers, info): a 503 without grpc-status is UNAVAILABLE (14); a plain HTTP request has
