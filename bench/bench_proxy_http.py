@@ -79,6 +79,7 @@ import contextlib
 import http.client
 import json
 import os
+import platform
 import re
 import secrets
 import shutil
@@ -855,6 +856,9 @@ def report(targets: dict[str, Target], load: Load, rounds: int, load_before: flo
     rows = rows_of(targets)
     print(f"proxy HTTP benchmark: one worker per proxy, {os.cpu_count()} CPUs shared by "
           f"clients, proxies and upstream; {rounds} round(s), medians; access logs on")
+    # The interpreter's build changes remora's figures (README: "The interpreter build matters").
+    print(f"  remora runs on Python {platform.python_version()} ({sys.executable}, "
+          f"{platform.python_build()[1]})")
     print(f"  anything else busy on this machine skews every number: load average before the "
           f"run {load_before:.2f}; CPU used outside this benchmark's processes, per round "
           f"(kernel threads included, so rarely 0): "

@@ -62,6 +62,7 @@ import ctypes
 import http.client
 import json
 import os
+import platform
 import re
 import resource
 import secrets
@@ -758,6 +759,9 @@ def report(targets: dict[str, Target], rounds: int, load_before: float,
     rows = rows_of(targets)
     print(f"proxy L4 benchmark: one hop, one worker per proxy, {os.cpu_count()} CPUs shared by "
           f"client, proxy and upstream; {rounds} round(s), medians")
+    # The interpreter's build changes remora's figures (README: "The interpreter build matters").
+    print(f"  remora runs on Python {platform.python_version()} ({sys.executable}, "
+          f"{platform.python_build()[1]})")
     print(f"  anything else busy on this machine skews every number: load average before the "
           f"run {load_before:.2f}; CPU used outside this benchmark's processes, per round "
           f"(kernel threads such as ksoftirqd included, so rarely 0): "
