@@ -59,20 +59,13 @@ def config(log: Path, listen: int, admin: int, upstream: int) -> dict[str, Any]:
 
 
 def nginx_conf(tmp: Path, port: int) -> str:
-    return f"""worker_processes 1;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
+    """bench_proxy_http's upstream (`return 200 "ok"`, one worker), on one loopback port."""
+    return bh._nginx_head(tmp, "upstream") + f"""
 http {{
     access_log off;
     keepalive_requests 100000000;
     keepalive_timeout 300s;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
+{bh._nginx_temp(tmp, "upstream")}
     server {{
         listen 127.0.0.1:{port} backlog=4096;
         location / {{ return 200 "ok"; }}
