@@ -295,10 +295,7 @@ class Stats:
         return c
 
     def inc(self, name: str, by: int = 1) -> None:
-        c = self._counters.get(name)
-        if c is None:
-            c = self._counters[name] = Cell()
-        c.value += by
+        self.counter(name).value += by
 
     def declare(self, name: str, kind: Kind = "counter") -> None:
         """Make a stat exist at 0 (Envoy lists declared stats even when unused)."""
@@ -308,10 +305,7 @@ class Stats:
             self.gauge(name)
 
     def gauge_add(self, name: str, by: int) -> None:
-        c = self._gauges.get(name)
-        if c is None:
-            c = self._gauges[name] = Cell()
-        c.value += by
+        self.gauge(name).value += by
 
     def gauge_set(self, name: str, value: int) -> None:
         self.gauge(name).value = value
