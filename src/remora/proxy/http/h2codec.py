@@ -88,6 +88,7 @@ from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame
 
+from remora.proxy.http import hpack_codec
 from remora.proxy.http.types import (
     Body,
     ClientCodec,
@@ -139,6 +140,7 @@ _F_END_HEADERS = 0x4
 # RFC 9113 §8.2.2: connection-specific fields must not appear in HTTP/2 (h2 refuses them);
 # ``host`` becomes ``:authority`` (§8.3.1); ``http2-settings`` only means something in the
 # HTTP/1.1 upgrade request.
+_WS = " \t"
 _DROP_OUTBOUND = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding",
                             "upgrade", "host", "http2-settings"})
 
@@ -178,13 +180,16 @@ def _encode(value: str) -> bytes:
 
 def _fields(headers: HeaderMap) -> list[tuple[bytes, bytes]]:
     """Regular header fields for a HEADERS frame: without connection-specific fields, ``te``
-    other than ``trailers`` (RFC 9113 §8.2.2), or stray pseudo-headers."""
+    other than ``trailers`` (RFC 9113 §8.2.2), or stray pseudo-headers; values without leading
+    or trailing whitespace (§8.2.1). Names are lower-case already (HeaderMap's)."""
     out: list[tuple[bytes, bytes]] = []
     for name, value in headers.items():
         if not name or name[0] == ":" or name in _DROP_OUTBOUND:
             continue
         if name == "te" and value.strip().lower() != "trailers":
             continue
+        if value and (value[0] in _WS or value[-1] in _WS):
+            value = value.strip(_WS)
         out.append((_encode(name), _encode(value)))
     return out
 
@@ -222,11 +227,16 @@ class _H2Codec:
             client_side=client, header_encoding=None,
             # inbound: h2 checks RFC 9113 §8.2/§8.3 and joins cookie crumbs (§8.2.3)
             validate_inbound_headers=True, normalize_inbound_headers=True,
-            # outbound: we build the blocks ourselves (pseudo-headers first, no
-            # connection-specific fields); h2's check would also refuse a request without
-            # :authority, which HTTP/2 allows
-            validate_outbound_headers=False, normalize_outbound_headers=True)
+            # outbound: we build the blocks ourselves (pseudo-headers first, lower-case names,
+            # no connection-specific fields, values without surrounding whitespace; the
+            # encoder never indexes credentials); h2's check would also refuse a request
+            # without :authority, which HTTP/2 allows
+            validate_outbound_headers=False, normalize_outbound_headers=False)
         conn = h2.connection.H2Connection(config)
+        # Our compiled HPACK in place of hpack's (h2 only calls encode/decode and sets the
+        # size limits, which these classes share with hpack's; see hpack_codec)
+        conn.encoder = hpack_codec.Encoder()  # type: ignore[assignment]
+        conn.decoder = hpack_codec.Decoder()  # type: ignore[assignment]
         initial: dict[SettingCodes, int] = {
             SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
             SettingCodes.MAX_HEADER_LIST_SIZE: max_header_list_size,
