@@ -24,6 +24,7 @@ MODULES: tuple[str, ...] = (
     "remora.proxy.upstream",
     "remora.proxy.http.types",
     "remora.proxy.http.hpack_codec",
+    "remora.proxy.http.h2codec",
     "remora.proxy.http.h1",
     "remora.proxy.http.routes",
     "remora.proxy.http.pool",

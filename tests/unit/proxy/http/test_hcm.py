@@ -1313,15 +1313,24 @@ async def test_http2_downstream_window_pauses_upstream_until_writable() -> None:
         return proxy_side.paused
     assert await settle(window_closed), "upstream not paused by the closed HTTP/2 window"
     assert sum(len(b) for b in h.bodies.values()) < size
-    codec = env.clients[0].conn.codec
-    assert codec is not None
-    orig = codec.receive
+    conn = env.clients[0].conn
+    assert conn.codec is not None
 
-    def spy(data: bytes) -> list[Any]:
-        events = orig(data)
-        writable.extend(e.stream for e in events if isinstance(e, Writable))
-        return events
-    codec.receive = spy  # type: ignore[method-assign]
+    class Spy:
+        """The codec, with the Writable events it gives the connection manager noted
+        (a compiled codec's methods cannot be replaced on the instance)."""
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def receive(self, data: bytes) -> list[Any]:
+            events: list[Any] = self.inner.receive(data)
+            writable.extend(e.stream for e in events if isinstance(e, Writable))
+            return events
+    conn.codec = Spy(conn.codec)
     h.give_back()
     _, body, _ = await h.response(sid)
     assert len(body) == size
