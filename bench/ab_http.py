@@ -10,7 +10,10 @@ loads each in turn, alternating which goes first, round after round. CPU per req
 from the proxy's /proc accounting over the middle of each run. Loopback only (127.0.0.1);
 the worktree, the processes and the temporary files are removed at the end.
 
-    .venv/bin/python bench/ab_http.py --base COMMIT [--rounds 6] [--seconds 5]
+    .venv/bin/python bench/ab_http.py --base COMMIT [--rounds 6] [--seconds 5] [--h2]
+
+``--h2`` loads the proxies with h2load (HTTP/2 cleartext, prior knowledge, -m10) instead;
+the proxies still speak HTTP/1.1 to the upstream.
 
 It prints each round and the means, and how many rounds the checkout beat the base. Both
 proxies must report their hot path compiled: a compiled build against an interpreted one
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -93,20 +97,39 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])       # utime + stime
 
 
-def one_run(port: int, pid: int, seconds: float, connections: int) -> tuple[float, float]:
-    """(rps, µs of proxy CPU per request): wrk for ``seconds``, CPU over its middle."""
+def load_argv(h2: bool, connections: int, seconds: float, url: str) -> list[str]:
+    """wrk (HTTP/1.1 keep-alive), or h2load as bench_proxy_http runs it (HTTP/2 cleartext,
+    prior knowledge, 10 streams per connection)."""
+    if h2:
+        return ["h2load", "-t1", f"-c{connections}", "-m10", f"-D{seconds:g}", url]
+    return ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", url]
+
+
+def load_rps(h2: bool, out: str) -> float:
+    if h2:
+        m = re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out)
+        bad = re.search(r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
+        if m is None or bad is None or any(int(x) for x in bad.groups()):
+            sys.exit(f"ab_http: h2load failed:\n{out}")
+        return float(m.group(1))
+    return float(next(ln for ln in out.splitlines() if ln.startswith("Requests/sec")).split()[1])
+
+
+def one_run(port: int, pid: int, seconds: float, connections: int,
+            h2: bool = False) -> tuple[float, float]:
+    """(rps, µs of proxy CPU per request): the load for ``seconds``, CPU over its middle."""
     url = f"http://127.0.0.1:{port}/"
-    subprocess.run(["wrk", "-t1", f"-c{connections}", "-d1s", url], check=True,
-                   capture_output=True, timeout=30)                       # warm-up
-    wrk = subprocess.Popen(["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", url],
-                           stdout=subprocess.PIPE, text=True)
+    subprocess.run(load_argv(h2, connections, 1, url), check=True, capture_output=True,
+                   timeout=30)                                            # warm-up
+    load = subprocess.Popen(load_argv(h2, connections, seconds, url), stdout=subprocess.PIPE,
+                            text=True)
     window = seconds - 1.0
     time.sleep(0.5)             # (a timed window inside the run, not synchronisation)
     a = cpu_ticks(pid)
     time.sleep(window)
     b = cpu_ticks(pid)
-    out, _ = wrk.communicate(timeout=seconds + 30)
-    rps = float(next(ln for ln in out.splitlines() if ln.startswith("Requests/sec")).split()[1])
+    out, _ = load.communicate(timeout=seconds + 30)
+    rps = load_rps(h2, out)
     return rps, (b - a) / CLK_TCK * 1e6 / (rps * window)
 
 
@@ -115,9 +138,15 @@ def main() -> None:
     parser.add_argument("--base", required=True, help="the commit to compare against")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=5.0, help="wrk run per target")
-    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--connections", type=int,
+                        help="concurrent connections (default 50, or 10 with --h2)")
+    parser.add_argument("--h2", action="store_true",
+                        help="HTTP/2 to the proxy with h2load -m10 instead of wrk")
     args = parser.parse_args()
-    missing = [t for t in ("wrk", "nginx", "git") if shutil.which(t) is None]
+    if args.connections is None:
+        args.connections = 10 if args.h2 else 50
+    missing = [t for t in ("h2load" if args.h2 else "wrk", "nginx", "git")
+               if shutil.which(t) is None]
     if missing:
         sys.exit(f"ab_http: missing {', '.join(missing)} (./dev bench installs them)")
     if args.seconds < 2:
@@ -176,7 +205,8 @@ def main() -> None:
                 order = ("base", "new") if r % 2 == 0 else ("new", "base")
                 for name in order:
                     port, pid = side[name]
-                    results[name].append(one_run(port, pid, args.seconds, args.connections))
+                    results[name].append(one_run(port, pid, args.seconds, args.connections,
+                                                 args.h2))
                 b, n = results["base"][-1], results["new"][-1]
                 print(f"round {r + 1}: base {b[0]:8.0f} rps {b[1]:6.2f} µs/req   "
                       f"new {n[0]:8.0f} rps {n[1]:6.2f} µs/req", flush=True)
