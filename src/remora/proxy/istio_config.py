@@ -22,7 +22,7 @@ InboundPassthroughCluster, ``inbound|<port>||`` bound to 127.0.0.6); spec §3-§
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from remora.proxy.http.accesslog import ISTIO_TEXT_FORMAT
 
@@ -40,6 +40,9 @@ CLUSTER_DOMAIN = "default.svc.cluster.local"
 #: Where Istio binds inbound connections to the app from (pilot's InboundPassthroughBindIpv4).
 INBOUND_PASSTHROUGH_BIND = "127.0.0.6"
 
+#: The HTTP filters these builders know, in the order of Istio's sidecar HTTP filter chain
+#: (outbound and inbound), minus the filters Remora lacks (authn, authz, wasm):
+#: pilot/pkg/networking/core/httproute + filters.go.
 HttpFilterName = Literal[
     "istio.metadata_exchange",
     "envoy.filters.http.grpc_stats",
@@ -49,16 +52,8 @@ HttpFilterName = Literal[
     "envoy.filters.http.router",
 ]
 
-#: Istio's sidecar HTTP filter chain (outbound and inbound) in its order, minus the filters
-#: Remora lacks (authn, authz, wasm): pilot/pkg/networking/core/httproute + filters.go.
-ISTIO_HTTP_FILTERS: tuple[HttpFilterName, ...] = (
-    "istio.metadata_exchange",
-    "envoy.filters.http.grpc_stats",
-    "envoy.filters.http.fault",
-    "envoy.filters.http.cors",
-    "istio.stats",
-    "envoy.filters.http.router",
-)
+#: Istio's sidecar HTTP filter chain: every filter above, in that order.
+ISTIO_HTTP_FILTERS: tuple[HttpFilterName, ...] = get_args(HttpFilterName)
 
 #: Istio's default route retry policy (pilot/pkg/networking/core/route/retry/retry.go).
 ISTIO_RETRY_POLICY: Json = {
