@@ -279,23 +279,14 @@ def _services() -> list[tuple[str, str, str, int]]:
 
 
 def route_configs() -> dict[str, Any]:
-    vhosts = []
-    for svc, vip, _, _ in _services():
-        fqdn = f"{svc}.{NS_SUFFIX}"
-        vhosts.append({
-            "name": f"{fqdn}:8080",
-            "domains": [fqdn, f"{fqdn}.", svc, f"{svc}.default.svc", f"{svc}.default", vip],
-            "routes": [{"name": "default", "match": {"prefix": "/"}, "route": {
-                "cluster": f"outbound|8080||{fqdn}", "timeout": "0s",
-                "retry_policy": ic.ISTIO_RETRY_POLICY, "max_grpc_timeout": "0s"}}],
-            "include_request_attempt_count": True})
-    vhosts.append({"name": "allow_any", "domains": ["*"], "routes": [{
-        "name": "allow_any", "match": {"prefix": "/"},
-        "route": {"cluster": "PassthroughCluster", "timeout": "0s"}}]})
-    return {"version_info": "1", "resources": [{
-        "@type": ic.ROUTE_CONFIGURATION_TYPE,
-        "name": "8080", "virtual_hosts": vhosts, "validate_clusters": False,
-        "ignore_port_in_host_matching": True}]}
+    vhosts = [ic.service_vhost(svc, 8080, vip, [{
+                  "name": "default", "match": {"prefix": "/"}, "route": {
+                      "cluster": f"outbound|8080||{svc}.{NS_SUFFIX}", "timeout": "0s",
+                      "retry_policy": ic.ISTIO_RETRY_POLICY, "max_grpc_timeout": "0s"}}])
+              for svc, vip, _, _ in _services()]
+    vhosts.append(ic.allow_any_vhost())
+    return ic.rds_file([{"name": "8080", "virtual_hosts": vhosts, "validate_clusters": False,
+                         "ignore_port_in_host_matching": True}])
 
 
 def sidecar_a_conf(rds: Path, log: Path) -> dict[str, Any]:

@@ -80,15 +80,12 @@ def _hcm(stat_prefix: str, route: dict[str, Any], *, inbound: bool) -> dict[str,
 def sidecar_bootstrap(pod_ip: str) -> dict[str, Any]:
     """An Envoy bootstrap shaped like the one Istio gives the pod's sidecar (static until
     xDS): the listeners, routes and clusters of spec §3-§6 for the demo's two services."""
-    vhosts = [{"name": f"{svc}.{NS}:{APP_PORT}",
-               "domains": [f"{svc}.{NS}", svc, f"{svc}.default.svc", f"{svc}.default", vip],
-               "routes": [{"name": "default", "match": {"prefix": "/"},
-                           "route": {"cluster": f"outbound|{APP_PORT}||{svc}.{NS}",
-                                     "timeout": "0s"}}]}
+    vhosts = [ic.service_vhost(svc, APP_PORT, vip, [{
+                  "name": "default", "match": {"prefix": "/"},
+                  "route": {"cluster": f"outbound|{APP_PORT}||{svc}.{NS}", "timeout": "0s"}}],
+                  fqdn_dot=False, include_request_attempt_count=False)
               for svc, (vip, _) in SERVICES.items()]
-    vhosts.append({"name": "allow_any", "domains": ["*"], "routes": [{
-        "name": "allow_any", "match": {"prefix": "/"},
-        "route": {"cluster": "PassthroughCluster", "timeout": "0s"}}]})
+    vhosts.append(ic.allow_any_vhost())
     outbound_route = {"name": str(APP_PORT), "ignore_port_in_host_matching": True,
                       "virtual_hosts": vhosts}
     inbound_route = {"name": f"inbound|{APP_PORT}||", "virtual_hosts": [{

@@ -89,11 +89,8 @@ def _cluster(name: str, ips: list[str], port: int, **extra: Any) -> dict[str, An
 
 
 def _vhost(svc: str, port: int, route: dict[str, Any]) -> dict[str, Any]:
-    vip = SERVICES[svc][0] if svc in SERVICES else GRPC_VIP
-    fqdn = f"{svc}.{NS}"
-    return {"name": f"{fqdn}:{port}",
-            "domains": [fqdn, f"{fqdn}.", svc, f"{svc}.default.svc", f"{svc}.default", vip],
-            "routes": [route], "include_request_attempt_count": True}
+    return ic.service_vhost(svc, port, SERVICES[svc][0] if svc in SERVICES else GRPC_VIP,
+                            [route])
 
 
 def _default_route(cluster: str, **extra: Any) -> dict[str, Any]:
@@ -121,18 +118,13 @@ def route_configs() -> dict[str, Any]:
                 "retry_host_predicate": ic.ISTIO_RETRY_POLICY["retry_host_predicate"],
                 "host_selection_retry_max_attempts": "5"}}}),
         _vhost("outlier", 8080, _default_route(oc["outlier"])),
-        {"name": "allow_any", "domains": ["*"], "routes": [{
-            "name": "allow_any", "match": {"prefix": "/"},
-            "route": {"cluster": "PassthroughCluster", "timeout": "0s"}}]},
+        ic.allow_any_vhost(),
     ]
     grpc_vhosts = [_vhost("grpc", 9090, _default_route(f"outbound|9090||grpc.{NS}"))]
-    rt = ic.ROUTE_CONFIGURATION_TYPE
-    return {"version_info": "1", "resources": [
-        {"@type": rt, "name": "8080", "virtual_hosts": vhosts, "validate_clusters": False,
-         "ignore_port_in_host_matching": True},
-        {"@type": rt, "name": "9090", "virtual_hosts": grpc_vhosts, "validate_clusters": False,
-         "ignore_port_in_host_matching": True},
-    ]}
+    return ic.rds_file(
+        {"name": name, "virtual_hosts": vh, "validate_clusters": False,
+         "ignore_port_in_host_matching": True}
+        for name, vh in (("8080", vhosts), ("9090", grpc_vhosts)))
 
 
 def bootstrap_a(rds_path: str) -> dict[str, Any]:

@@ -138,6 +138,37 @@ def _http_filter(name: HttpFilterName, istio_stats: Json | None) -> Json:
                          "Router"}}
 
 
+# ----------------------------------------------------------------------------- routes
+
+def service_vhost(service: str, port: int, vip: str, routes: list[Json], *,
+                  fqdn_dot: bool = True, include_request_attempt_count: bool = True) -> Json:
+    """The ``<fqdn>:<port>`` virtual host of a service in namespace ``default``: matched by
+    its FQDN (and, with ``fqdn_dot``, the FQDN with a final dot), its short names and its
+    VIP (pilot/pkg/networking/core/httproute.go)."""
+    fqdn = f"{service}.{CLUSTER_DOMAIN}"
+    vhost: Json = {"name": f"{fqdn}:{port}",
+                   "domains": [fqdn, *([f"{fqdn}."] if fqdn_dot else []), service,
+                               f"{service}.default.svc", f"{service}.default", vip],
+                   "routes": routes}
+    if include_request_attempt_count:
+        vhost["include_request_attempt_count"] = True
+    return vhost
+
+
+def allow_any_vhost() -> Json:
+    """``allow_any``: any other host through to PassthroughCluster (outboundTrafficPolicy
+    ALLOW_ANY, Istio's default)."""
+    return {"name": "allow_any", "domains": ["*"], "routes": [{
+        "name": "allow_any", "match": {"prefix": "/"},
+        "route": {"cluster": "PassthroughCluster", "timeout": "0s"}}]}
+
+
+def rds_file(route_configs: Iterable[Json]) -> Json:
+    """What an RDS file holds (see :func:`rds_from_file`): the route configurations."""
+    return {"version_info": "1", "resources": [
+        {"@type": ROUTE_CONFIGURATION_TYPE, **rc} for rc in route_configs]}
+
+
 # ----------------------------------------------------------------------------- the HCM
 
 def rds_from_file(route_config_name: str, path: str) -> Json:

@@ -13,13 +13,12 @@ from remora.proxy.bootstrap import compile_bootstrap, parse_bootstrap
 
 
 def _every_piece(rds: Path) -> ic.Json:
-    rt = {"version_info": "1", "resources": [{
-        "@type": ic.ROUTE_CONFIGURATION_TYPE, "name": "8080",
-        "ignore_port_in_host_matching": True, "virtual_hosts": [{
-            "name": "allow_any", "domains": ["*"], "routes": [{
-                "name": "allow_any", "match": {"prefix": "/"},
-                "route": {"cluster": "PassthroughCluster", "timeout": "0s",
-                          "retry_policy": ic.ISTIO_RETRY_POLICY}}]}]}]}
+    rt = ic.rds_file([{"name": "8080", "ignore_port_in_host_matching": True, "virtual_hosts": [
+        ic.service_vhost("svc", 8080, "10.100.0.9", [{
+            "name": "default", "match": {"prefix": "/"},
+            "route": {"cluster": "outbound|8080||svc.default.svc.cluster.local",
+                      "timeout": "0s", "retry_policy": ic.ISTIO_RETRY_POLICY}}]),
+        ic.allow_any_vhost()]}])
     rds.write_text(json.dumps(rt))
     inbound_routes = {"name": "inbound|9090||", "virtual_hosts": [{
         "name": "inbound|http|9090", "domains": ["*"], "routes": [{
@@ -49,6 +48,8 @@ def _every_piece(rds: Path) -> ic.Json:
                                     alt_stat_name=True, protocol_options=ic.upstream_http2()),
             ic.static_cluster(svc, [("10.0.0.2", 7070), ("10.0.0.3", 7070)],
                               connect_timeout="2s", lb_policy="LEAST_REQUEST"),
+            ic.static_cluster("outbound|8080||svc.default.svc.cluster.local",
+                              [("10.0.0.4", 8080)], connect_timeout="2s"),
         ])
 
 
@@ -88,6 +89,17 @@ def test_http_filters_keep_the_order_given() -> None:
     names = ("istio.stats", "envoy.filters.http.fault", "envoy.filters.http.router")
     assert [f["name"] for f in ic.http_filters(names)] == list(names)
     assert [f["name"] for f in ic.http_filters()] == list(ic.ISTIO_HTTP_FILTERS)
+
+
+def test_service_vhost_domains() -> None:
+    fqdn = "svc.default.svc.cluster.local"
+    short = ["svc", "svc.default.svc", "svc.default", "10.100.0.9"]
+    vh = ic.service_vhost("svc", 8080, "10.100.0.9", [])
+    assert (vh["name"], vh["domains"], vh["include_request_attempt_count"]) == (
+        f"{fqdn}:8080", [fqdn, f"{fqdn}.", *short], True)
+    bare = ic.service_vhost("svc", 8080, "10.100.0.9", [], fqdn_dot=False,
+                            include_request_attempt_count=False)
+    assert bare == {"name": f"{fqdn}:8080", "domains": [fqdn, *short], "routes": []}
 
 
 def test_hcm_takes_exactly_one_route_source() -> None:
