@@ -318,8 +318,7 @@ def sidecar_b_conf(log: Path) -> dict[str, Any]:
     return ic.bootstrap(
         node=ic.sidecar_node(SRV_P_IP, "server"),
         listeners=[ic.virtual_outbound(),
-                   ic.virtual_inbound([ic.inbound_http_chain(APP_PORT, hcm)],
-                                      catchall="virtualInbound")],
+                   ic.virtual_inbound([ic.inbound_http_chain(APP_PORT, hcm)])],
         clusters=[*ic.passthrough_clusters("10s"),
                   ic.original_dst_cluster(inbound, connect_timeout="10s", inbound=True,
                                           alt_stat_name=True),

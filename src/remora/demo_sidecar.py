@@ -64,8 +64,8 @@ START_TIMEOUT = 30.0
 # ----------------------------------------------------------------------------- the bootstrap
 
 def _hcm(stat_prefix: str, route: dict[str, Any], *, inbound: bool) -> dict[str, Any]:
-    """The demo's HCM: Istio's access log on stdout, three of Istio's HTTP filters, none of
-    the HCM options Istio sets (Envoy's defaults)."""
+    """The demo's HCM: Istio's access log on stdout and three of Istio's HTTP filters; it
+    leaves use_remote_address, normalize_path and stream_idle_timeout to Envoy's defaults."""
     return ic.http_connection_manager(
         stat_prefix, route_config=route,
         http_filters=ic.http_filters(
@@ -102,7 +102,7 @@ def sidecar_bootstrap(pod_ip: str) -> dict[str, Any]:
             ic.virtual_inbound(
                 [ic.inbound_http_chain(APP_PORT, _hcm(f"inbound_0.0.0.0_{APP_PORT}",
                                                       inbound_route, inbound=True))],
-                listener_filters_timeout=None),
+                catchall="virtualInbound-catchall-tcp", listener_filters_timeout=None),
         ],
         clusters=[
             *(ic.static_cluster(f"outbound|{APP_PORT}||{svc}.{NS}", [(ip, APP_PORT)],

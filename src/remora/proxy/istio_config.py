@@ -12,11 +12,12 @@ dict, so Envoy's default applies and each caller gets exactly the fields it asks
 Must not: read or write files, open sockets or start anything: it builds data only. Parsing
 and checking these dicts is :mod:`remora.proxy.bootstrap`'s job.
 
-References (shapes copied, field names are Envoy's v3 API): Istio
-``pilot/pkg/networking/core/listener.go``, ``listener_builder.go``, ``listener_inbound.go``
-(virtualOutbound, virtualInbound, ``0.0.0.0_<port>``, ``<VIP>_<port>``), ``httproute.go``
-(virtual hosts, ``allow_any``), ``cluster_builder.go`` (PassthroughCluster, BlackHoleCluster,
-InboundPassthroughCluster, ``inbound|<port>||`` bound to 127.0.0.6); spec §3-§6.
+References (shapes copied, field names are Envoy's v3 API), spec
+``dataplane-envoy-pilot-agent.md``: §3 virtualOutbound, §4.1-§4.2 the per-port outbound
+listeners, §4.3 the HCM settings, §5.1-§5.3 virtualInbound and its HTTP chain, §5.5-§5.6 the
+inbound clusters and 127.0.0.6, §7.3-§7.5 virtual hosts and retries, §10.2 the access log
+(Istio ``pilot/pkg/networking/core/listener_builder.go``, ``listener.go``,
+``listener_inbound.go``, ``httproute.go``, ``cluster_builder.go``).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ CLUSTER_DOMAIN = "default.svc.cluster.local"
 INBOUND_PASSTHROUGH_BIND = "127.0.0.6"
 
 #: The HTTP filters these builders know, in the order of Istio's sidecar HTTP filter chain
-#: (outbound and inbound), minus the filters Remora lacks (authn, authz, wasm):
-#: pilot/pkg/networking/core/httproute + filters.go.
+#: (outbound and inbound, ``buildHTTPConnectionManager``; spec §4.2, §5.3), minus the ones
+#: Remora lacks (authn, authz, RBAC, istio.alpn).
 HttpFilterName = Literal[
     "istio.metadata_exchange",
     "envoy.filters.http.grpc_stats",
@@ -55,7 +56,8 @@ HttpFilterName = Literal[
 #: Istio's sidecar HTTP filter chain: every filter above, in that order.
 ISTIO_HTTP_FILTERS: tuple[HttpFilterName, ...] = get_args(HttpFilterName)
 
-#: Istio's default route retry policy (pilot/pkg/networking/core/route/retry/retry.go).
+#: Istio's default outbound retry policy (pilot/pkg/networking/core/route/retry/retry.go;
+#: spec §7.5).
 ISTIO_RETRY_POLICY: Json = {
     "retry_on": "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
     "num_retries": 2, "retry_host_predicate": [
@@ -91,7 +93,7 @@ def bootstrap(*, node: Json, listeners: list[Json], clusters: list[Json],
 def file_access_log(path: str = "/dev/stdout", text_format: str = ISTIO_TEXT_FORMAT
                     ) -> list[Json]:
     """An HCM's or tcp_proxy's ``access_log``: one file logger, Istio's text format by
-    default (pilot/pkg/model/telemetry_logging.go)."""
+    default (pilot/pkg/model/telemetry_logging.go; spec §10.2)."""
     return [{"name": "envoy.access_loggers.file", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
         "path": path, "log_format": {"text_format_source": {"inline_string": text_format}}}}]
@@ -143,8 +145,8 @@ def _http_filter(name: HttpFilterName, istio_stats: Json | None) -> Json:
 def service_vhost(service: str, port: int, vip: str, routes: list[Json], *,
                   fqdn_dot: bool = True, include_request_attempt_count: bool = True) -> Json:
     """The ``<fqdn>:<port>`` virtual host of a service in namespace ``default``: matched by
-    its FQDN (and, with ``fqdn_dot``, the FQDN with a final dot), its short names and its
-    VIP (pilot/pkg/networking/core/httproute.go)."""
+    its FQDN (and, with ``fqdn_dot``, the FQDN with a final dot, Istio ≥1.27), its short
+    names and its VIP (``generateVirtualHostDomains``; spec §7.3)."""
     fqdn = f"{service}.{CLUSTER_DOMAIN}"
     vhost: Json = {"name": f"{fqdn}:{port}",
                    "domains": [fqdn, *([f"{fqdn}."] if fqdn_dot else []), service,
@@ -192,8 +194,8 @@ def http_connection_manager(
         stream_idle_timeout: str | None = "0s") -> Json:
     """The ``envoy.filters.network.http_connection_manager`` network filter. Routes come from
     ``rds`` (see :func:`rds_from_file`) or an inline ``route_config``, exactly one. The last
-    three default to what Istio sets (pilot/pkg/networking/core/listener_builder.go); None
-    leaves a field out, as every other None does."""
+    three default to what Istio sets (spec §4.3); None leaves a field out, as every other
+    None does."""
     if (rds is None) == (route_config is None):
         raise ValueError("http_connection_manager takes exactly one of rds and route_config")
     cfg: Json = {"@type": HCM_TYPE, "stat_prefix": stat_prefix}
@@ -227,8 +229,9 @@ def tcp_proxy_chain(name: str, cluster: str, match: Json | None = None) -> Json:
 
 
 def _protocol_detection(listener: Json, timeout: str | None) -> Json:
-    """Istio's protocol detection: ``listener_filters_timeout`` (0s: never) and, once it
-    fires, carry on with the default chain (meshConfig.protocolDetectionTimeout)."""
+    """Istio's protocol detection settings: ``listener_filters_timeout``
+    (meshConfig.protocolDetectionTimeout, 0s: none) and
+    ``continue_on_listener_filters_timeout`` (spec §4.1, §5.1)."""
     if timeout is not None:
         listener["listener_filters_timeout"] = timeout
         listener["continue_on_listener_filters_timeout"] = True
@@ -291,11 +294,12 @@ def inbound_http_chain(port: int, hcm: Json) -> Json:
 
 
 def virtual_inbound(chains: Sequence[Json], *, port: int = 15006,
-                    catchall: str | None = "virtualInbound-catchall-tcp",
+                    catchall: str | None = "virtualInbound",
                     listener_filters_timeout: str | None = "0s") -> Json:
     """``virtualInbound``: original_dst, then a blackhole chain for its own port, the
     ``chains`` (e.g. :func:`inbound_http_chain`) and, unless ``catchall`` is None, a chain of
-    that name through to InboundPassthroughCluster for every other port."""
+    that name through to InboundPassthroughCluster for every other port (Istio names its
+    TCP passthrough chain ``virtualInbound``: spec §5.2)."""
     filter_chains = [tcp_proxy_chain("virtualInbound-blackhole", "BlackHoleCluster",
                                      {"destination_port": port}), *chains]
     if catchall is not None:

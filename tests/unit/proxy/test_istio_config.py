@@ -62,7 +62,7 @@ def test_every_piece_compiles_as_a_sidecar_bootstrap(tmp_path: Path) -> None:
     assert not http.bind_to_port and not tcp.bind_to_port
     assert http.listener_filters_timeout == 0.0 and http.continue_on_listener_filters_timeout
     assert [c.name for c in vi.filter_chains] == [
-        "virtualInbound-blackhole", "0.0.0.0_9090", "virtualInbound-catchall-tcp"]
+        "virtualInbound-blackhole", "0.0.0.0_9090", "virtualInbound"]
     assert snap.node.id == "sidecar~10.0.0.1~client-1.default~default.svc.cluster.local"
     inbound = snap.clusters["inbound|9090||"]
     assert inbound.observability_name == "inbound|9090||;"
