@@ -40,6 +40,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_proxy_http as bh  # (the static config and its filters)
+from remora.proxy.istio_config import socket_address
 
 ROOT = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -54,11 +55,11 @@ def free_port() -> int:
 def config(log: Path, listen: int, admin: int, upstream: int) -> dict[str, Any]:
     """bench_proxy_http's "remora static" config, on loopback ports."""
     conf = bh.remora_static_conf(log)
-    conf["admin"]["address"] = bh._addr("127.0.0.1", admin)
+    conf["admin"]["address"] = socket_address("127.0.0.1", admin)
     res = conf["static_resources"]
-    res["listeners"][0]["address"] = bh._addr("127.0.0.1", listen)
+    res["listeners"][0]["address"] = socket_address("127.0.0.1", listen)
     res["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"][
-        "address"] = bh._addr("127.0.0.1", upstream)
+        "address"] = socket_address("127.0.0.1", upstream)
     return conf
 
 

@@ -94,6 +94,10 @@ from typing import Any
 
 import yaml
 
+# The configs come from this checkout's remora, as the proxies do (bench_proxy_l4's
+# CHILD_ENV), whichever worktree the venv's editable install points at.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
 import bench_proxy_l4 as l4
 from bench_proxy_l4 import (
     CAPTURE_FLAGS,
@@ -113,6 +117,7 @@ from bench_proxy_l4 import (
     run,
     verdict,
 )
+from remora.proxy import istio_config as ic
 
 # Addresses (inside the namespaces made here, never on the host).
 CLI_IP, SRV_C_IP = "10.232.1.1", "10.232.1.2"     # cli ns ↔ srv ns
@@ -121,7 +126,7 @@ VIP_ONE, VIP_MESH = "10.100.0.7", "10.100.0.8"    # services seen from the clien
 APP_PORT, PLAIN_PORT, H2_PORT = 8080, 8081, 8082  # upstream: captured app port, plain, h2c
 SRV_CAPTURE_FLAGS = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*",
                      "-x", "", "-b", "*", "-d", f"15090,15021,15020,{PLAIN_PORT},{H2_PORT}"]
-NS_SUFFIX = "default.svc.cluster.local"
+NS_SUFFIX = ic.CLUSTER_DOMAIN
 DECOYS = 20  # other services' vhosts and clusters in the outbound route table
 
 TARGET_ORDER = ("direct", "nginx", "haproxy", "remora static", "remora capture", "nginx x2",
@@ -253,69 +258,6 @@ backend be
 """
 
 
-HCM = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
-       "HttpConnectionManager")
-TCP = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
-# Istio's default access log format (pilot/pkg/model/telemetry_logging.go).
-ISTIO_LOG_FORMAT = (
-    '[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" '
-    '%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% '
-    '"%UPSTREAM_TRANSPORT_FAILURE_REASON%" %BYTES_RECEIVED% %BYTES_SENT% %DURATION% '
-    '%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% "%REQ(X-FORWARDED-FOR)%" "%REQ(USER-AGENT)%" '
-    '"%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" "%UPSTREAM_HOST%" %UPSTREAM_CLUSTER_RAW% '
-    '%UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% '
-    '%REQUESTED_SERVER_NAME% %ROUTE_NAME%\n')
-
-
-def _addr(ip: str, port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": ip, "port_value": port}}
-
-
-def _access_log(path: Path) -> list[dict[str, Any]]:
-    return [{"name": "envoy.access_loggers.file", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-        "path": str(path), "log_format": {"text_format_source": {
-            "inline_string": ISTIO_LOG_FORMAT}}}}]
-
-
-def _http_filters() -> list[dict[str, Any]]:
-    """Istio's HTTP filter chain (sidecar outbound and inbound), minus what Remora lacks."""
-    ts = "type.googleapis.com/udpa.type.v1.TypedStruct"
-    return [
-        {"name": "istio.metadata_exchange", "typed_config": {
-            "@type": ts, "type_url": "type.googleapis.com/io.istio.http.metadata_exchange.Config",
-            "value": {}}},
-        {"name": "envoy.filters.http.grpc_stats", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3."
-                     "FilterConfig", "emit_filter_state": True, "stats_for_all_methods": True}},
-        {"name": "envoy.filters.http.fault", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}},
-        {"name": "envoy.filters.http.cors", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"}},
-        {"name": "istio.stats", "typed_config": {
-            "@type": ts, "type_url": "type.googleapis.com/stats.PluginConfig", "value": {}}},
-        {"name": "envoy.filters.http.router", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
-    ]
-
-
-def _tcp_chain(name: str, cluster: str, match: dict[str, Any] | None = None) -> dict[str, Any]:
-    chain: dict[str, Any] = {"name": name, "filters": [{
-        "name": "envoy.filters.network.tcp_proxy",
-        "typed_config": {"@type": TCP, "stat_prefix": cluster, "cluster": cluster}}]}
-    if match:
-        chain["filter_chain_match"] = match
-    return chain
-
-
-def _node(ip: str, workload: str) -> dict[str, Any]:
-    return {"id": f"sidecar~{ip}~{workload}-1.default~{NS_SUFFIX}",
-            "cluster": f"{workload}.default",
-            "metadata": {"NAME": f"{workload}-1", "NAMESPACE": "default",
-                         "WORKLOAD_NAME": workload, "CLUSTER_ID": "Kubernetes",
-                         "LABELS": {"app": workload, "version": "v1"}}}
-
-
 def _eds_cluster(name: str, ip: str, port: int) -> dict[str, Any]:
     """An Istio outbound cluster (EDS, endpoints given inline as in the example bootstrap)."""
     return {"name": name, "alt_stat_name": name + ";", "type": "EDS",
@@ -324,32 +266,7 @@ def _eds_cluster(name: str, ip: str, port: int) -> dict[str, Any]:
             "circuit_breakers": {"thresholds": [{
                 "max_connections": 4294967295, "max_pending_requests": 4294967295,
                 "max_requests": 4294967295, "max_retries": 4294967295}]},
-            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
-                {"endpoint": {"address": _addr(ip, port)}}]}]}}
-
-
-def _base_clusters() -> list[dict[str, Any]]:
-    return [{"name": "PassthroughCluster", "type": "ORIGINAL_DST",
-             "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "10s"},
-            {"name": "BlackHoleCluster", "type": "STATIC", "connect_timeout": "10s"}]
-
-
-def _virtual_outbound() -> dict[str, Any]:
-    return {"name": "virtualOutbound", "address": _addr("0.0.0.0", 15001),
-            "use_original_dst": True, "traffic_direction": "OUTBOUND",
-            "filter_chains": [
-                _tcp_chain("virtualOutbound-blackhole", "BlackHoleCluster",
-                           {"destination_port": 15001}),
-                _tcp_chain("virtualOutbound-catchall-tcp", "PassthroughCluster")]}
-
-
-ISTIO_RETRY = {"retry_on": "connect-failure,refused-stream,unavailable,cancelled,"
-                           "retriable-status-codes",
-               "num_retries": 2, "retry_host_predicate": [
-                   {"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
-                       "@type": "type.googleapis.com/envoy.extensions.retry.host."
-                                "previous_hosts.v3.PreviousHostsPredicate"}}],
-               "host_selection_retry_max_attempts": "5"}
+            "load_assignment": ic.load_assignment(name, [(ip, port)])}
 
 
 def _services() -> list[tuple[str, str, str, int]]:
@@ -362,117 +279,68 @@ def _services() -> list[tuple[str, str, str, int]]:
 
 
 def route_configs() -> dict[str, Any]:
-    vhosts = []
-    for svc, vip, _, _ in _services():
-        fqdn = f"{svc}.{NS_SUFFIX}"
-        vhosts.append({
-            "name": f"{fqdn}:8080",
-            "domains": [fqdn, f"{fqdn}.", svc, f"{svc}.default.svc", f"{svc}.default", vip],
-            "routes": [{"name": "default", "match": {"prefix": "/"}, "route": {
-                "cluster": f"outbound|8080||{fqdn}", "timeout": "0s",
-                "retry_policy": ISTIO_RETRY, "max_grpc_timeout": "0s"}}],
-            "include_request_attempt_count": True})
-    vhosts.append({"name": "allow_any", "domains": ["*"], "routes": [{
-        "name": "allow_any", "match": {"prefix": "/"},
-        "route": {"cluster": "PassthroughCluster", "timeout": "0s"}}]})
-    return {"version_info": "1", "resources": [{
-        "@type": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
-        "name": "8080", "virtual_hosts": vhosts, "validate_clusters": False,
-        "ignore_port_in_host_matching": True}]}
+    vhosts = [ic.service_vhost(svc, 8080, vip, [{
+                  "name": "default", "match": {"prefix": "/"}, "route": {
+                      "cluster": f"outbound|8080||{svc}.{NS_SUFFIX}", "timeout": "0s",
+                      "retry_policy": ic.ISTIO_RETRY_POLICY, "max_grpc_timeout": "0s"}}])
+              for svc, vip, _, _ in _services()]
+    vhosts.append(ic.allow_any_vhost())
+    return ic.rds_file([{"name": "8080", "virtual_hosts": vhosts, "validate_clusters": False,
+                         "ignore_port_in_host_matching": True}])
 
 
 def sidecar_a_conf(rds: Path, log: Path) -> dict[str, Any]:
     """The client pod's sidecar: Istio's outbound 0.0.0.0_8080 HTTP listener (RDS by file)."""
-    hcm = {"@type": HCM, "stat_prefix": "outbound_0.0.0.0_8080",
-           "rds": {"route_config_name": "8080",
-                   "config_source": {"path_config_source": {"path": str(rds)}}},
-           "http_filters": _http_filters(), "access_log": _access_log(log),
-           "upgrade_configs": [{"upgrade_type": "websocket"}],
-           "use_remote_address": False, "normalize_path": True, "stream_idle_timeout": "0s"}
-    listener = {
-        "name": "0.0.0.0_8080", "address": _addr("0.0.0.0", 8080), "bind_to_port": False,
-        "traffic_direction": "OUTBOUND", "continue_on_listener_filters_timeout": True,
-        "listener_filters_timeout": "0s",
-        "listener_filters": [{"name": "envoy.filters.listener.http_inspector", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3."
-                     "HttpInspector"}}],
-        "filter_chains": [{
-            "filter_chain_match": {"application_protocols": ["http/1.1", "h2c"],
-                                   "transport_protocol": "raw_buffer"},
-            "filters": [{"name": "envoy.filters.network.http_connection_manager",
-                         "typed_config": hcm}]}],
-        "default_filter_chain": _tcp_chain("PassthroughFilterChain", "PassthroughCluster")}
-    clusters = _base_clusters() + [_eds_cluster(f"outbound|8080||{svc}.{NS_SUFFIX}", ip, port)
-                                   for svc, _, ip, port in _services()]
-    return {"node": _node(POD_IP, "client"), "admin": {"address": _addr("127.0.0.1", 15000)},
-            "static_resources": {"listeners": [_virtual_outbound(), listener],
-                                 "clusters": clusters}}
+    hcm = ic.http_connection_manager(
+        "outbound_0.0.0.0_8080", rds=ic.rds_from_file("8080", str(rds)),
+        http_filters=ic.http_filters(), access_log=ic.file_access_log(str(log)),
+        websocket=True)
+    return ic.bootstrap(
+        node=ic.sidecar_node(POD_IP, "client"),
+        listeners=[ic.virtual_outbound(), ic.outbound_http_listener(8080, hcm)],
+        clusters=[*ic.passthrough_clusters("10s"),
+                  *(_eds_cluster(f"outbound|8080||{svc}.{NS_SUFFIX}", ip, port)
+                    for svc, _, ip, port in _services())])
 
 
 def sidecar_b_conf(log: Path) -> dict[str, Any]:
     """The server pod's sidecar: virtualInbound with Istio's inbound HTTP chain for :8080."""
     inbound = f"inbound|{APP_PORT}||"
-    hcm = {"@type": HCM, "stat_prefix": f"inbound_0.0.0.0_{APP_PORT}",
-           "route_config": {"name": inbound, "validate_clusters": False, "virtual_hosts": [{
-               "name": f"inbound|http|{APP_PORT}", "domains": ["*"], "routes": [{
-                   "name": "default", "match": {"prefix": "/"},
-                   "route": {"cluster": inbound, "timeout": "0s",
-                             "max_grpc_timeout": "0s"},
-                   "decorator": {"operation": f"server.{NS_SUFFIX}:{APP_PORT}/*"}}]}]},
-           "http_filters": _http_filters(), "server_name": "istio-envoy",
-           "access_log": _access_log(log), "use_remote_address": False,
-           "normalize_path": True, "stream_idle_timeout": "0s"}
-    bind = {"source_address": {"address": "127.0.0.6", "port_value": 0}}
-    return {
-        "node": _node(SRV_P_IP, "server"), "admin": {"address": _addr("127.0.0.1", 15000)},
-        "static_resources": {
-            "listeners": [_virtual_outbound(), {
-                "name": "virtualInbound", "address": _addr("0.0.0.0", 15006),
-                "traffic_direction": "INBOUND", "listener_filters_timeout": "0s",
-                "continue_on_listener_filters_timeout": True,
-                "listener_filters": [{"name": "envoy.filters.listener.original_dst",
-                                      "typed_config": {
-                                          "@type": "type.googleapis.com/envoy.extensions."
-                                                   "filters.listener.original_dst.v3."
-                                                   "OriginalDst"}}],
-                "filter_chains": [
-                    _tcp_chain("virtualInbound-blackhole", "BlackHoleCluster",
-                               {"destination_port": 15006}),
-                    {"name": f"0.0.0.0_{APP_PORT}",
-                     "filter_chain_match": {"destination_port": APP_PORT},
-                     "filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                  "typed_config": hcm}]},
-                    _tcp_chain("virtualInbound", "InboundPassthroughCluster")]}],
-            "clusters": [
-                *_base_clusters(),
-                {"name": inbound, "alt_stat_name": inbound + ";", "type": "ORIGINAL_DST",
-                 "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "10s",
-                 "upstream_bind_config": bind},
-                {"name": "InboundPassthroughCluster", "type": "ORIGINAL_DST",
-                 "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "10s",
-                 "upstream_bind_config": bind}]}}
+    hcm = ic.http_connection_manager(
+        f"inbound_0.0.0.0_{APP_PORT}",
+        route_config={"name": inbound, "validate_clusters": False, "virtual_hosts": [{
+            "name": f"inbound|http|{APP_PORT}", "domains": ["*"], "routes": [{
+                "name": "default", "match": {"prefix": "/"},
+                "route": {"cluster": inbound, "timeout": "0s", "max_grpc_timeout": "0s"},
+                "decorator": {"operation": f"server.{NS_SUFFIX}:{APP_PORT}/*"}}]}]},
+        http_filters=ic.http_filters(), access_log=ic.file_access_log(str(log)),
+        server_name="istio-envoy")
+    return ic.bootstrap(
+        node=ic.sidecar_node(SRV_P_IP, "server"),
+        listeners=[ic.virtual_outbound(),
+                   ic.virtual_inbound([ic.inbound_http_chain(APP_PORT, hcm)])],
+        clusters=[*ic.passthrough_clusters("10s"),
+                  ic.original_dst_cluster(inbound, connect_timeout="10s", inbound=True,
+                                          alt_stat_name=True),
+                  ic.inbound_passthrough_cluster("10s")])
 
 
 def remora_static_conf(log: Path) -> dict[str, Any]:
     """One listener → HCM (the sidecar's filters and access log) → a STATIC cluster: what
     nginx and HAProxy get."""
-    hcm = {"@type": HCM, "stat_prefix": "static_http",
-           "route_config": {"name": "static", "virtual_hosts": [{
-               "name": "upstream", "domains": ["*"], "routes": [{
-                   "name": "default", "match": {"prefix": "/"},
-                   "route": {"cluster": "upstream", "timeout": "0s"}}]}]},
-           "http_filters": _http_filters(), "access_log": _access_log(log),
-           "use_remote_address": False, "normalize_path": True, "stream_idle_timeout": "0s"}
-    return {"node": _node(CLI_IP, "static"), "admin": {"address": _addr("127.0.0.1", 15000)},
-            "static_resources": {
-                "listeners": [{"name": "static_http", "address": _addr("127.0.0.1", 38080),
-                               "filter_chains": [{"filters": [{
-                                   "name": "envoy.filters.network.http_connection_manager",
-                                   "typed_config": hcm}]}]}],
-                "clusters": [{"name": "upstream", "type": "STATIC", "connect_timeout": "5s",
-                              "load_assignment": {"cluster_name": "upstream", "endpoints": [{
-                                  "lb_endpoints": [{"endpoint": {"address": _addr(
-                                      SRV_C_IP, PLAIN_PORT)}}]}]}}]}}
+    hcm = ic.http_connection_manager(
+        "static_http",
+        route_config={"name": "static", "virtual_hosts": [{
+            "name": "upstream", "domains": ["*"], "routes": [{
+                "name": "default", "match": {"prefix": "/"},
+                "route": {"cluster": "upstream", "timeout": "0s"}}]}]},
+        http_filters=ic.http_filters(), access_log=ic.file_access_log(str(log)))
+    return ic.bootstrap(
+        node=ic.sidecar_node(CLI_IP, "static"),
+        listeners=[{"name": "static_http", "address": ic.socket_address("127.0.0.1", 38080),
+                    "filter_chains": [{"filters": [hcm]}]}],
+        clusters=[ic.static_cluster("upstream", [(SRV_C_IP, PLAIN_PORT)],
+                                    connect_timeout="5s")])
 
 
 # ----------------------------------------------------------------------------- the bench

@@ -48,7 +48,7 @@ from remora.demo import (
     remora_executable,
 )
 from remora.errors import EnvironmentFault
-from remora.proxy.http.accesslog import ISTIO_TEXT_FORMAT
+from remora.proxy import istio_config as ic
 
 POD_CIDR = "10.78.0.1/24"
 PEER_CIDRS = ("10.78.0.2/24", "10.78.0.10/24", "10.78.0.11/24")
@@ -60,134 +60,59 @@ SERVICES = {"demoappv10": ("10.100.1.10", "10.78.0.10"),
 READY_LINE = "remora proxy ready"
 START_TIMEOUT = 30.0
 
-_HCM = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
-        "HttpConnectionManager")
-_TCP = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
-_TYPED_STRUCT = "type.googleapis.com/udpa.type.v1.TypedStruct"
-
 
 # ----------------------------------------------------------------------------- the bootstrap
 
-def _tcp_chain(name: str, cluster: str, match: dict[str, Any] | None = None) -> dict[str, Any]:
-    chain: dict[str, Any] = {"name": name, "filters": [{
-        "name": "envoy.filters.network.tcp_proxy",
-        "typed_config": {"@type": _TCP, "stat_prefix": cluster, "cluster": cluster}}]}
-    if match is not None:
-        chain["filter_chain_match"] = match
-    return chain
-
-
 def _hcm(stat_prefix: str, route: dict[str, Any], *, inbound: bool) -> dict[str, Any]:
-    stats: dict[str, Any] = {"disable_host_header_fallback": True} if inbound else {}
-    cfg: dict[str, Any] = {
-        "@type": _HCM, "stat_prefix": stat_prefix, "route_config": route,
-        "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3."
-                     "FileAccessLog",
-            "path": "/dev/stdout",
-            "log_format": {"text_format_source": {"inline_string": ISTIO_TEXT_FORMAT}}}}],
-        "http_filters": [
-            {"name": "istio.metadata_exchange", "typed_config": {
-                "@type": _TYPED_STRUCT,
-                "type_url": "type.googleapis.com/io.istio.http.metadata_exchange.Config",
-                "value": {}}},
-            {"name": "istio.stats", "typed_config": {
-                "@type": _TYPED_STRUCT, "type_url": "type.googleapis.com/stats.PluginConfig",
-                "value": stats}},
-            {"name": "envoy.filters.http.router", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
-        ]}
-    if inbound:
-        cfg.update(server_name="istio-envoy", server_header_transformation="OVERWRITE")
-    return cfg
+    """The demo's HCM: Istio's access log on stdout and three of Istio's HTTP filters; it
+    leaves use_remote_address, normalize_path and stream_idle_timeout to Envoy's defaults."""
+    return ic.http_connection_manager(
+        stat_prefix, route_config=route,
+        http_filters=ic.http_filters(
+            ("istio.metadata_exchange", "istio.stats", "envoy.filters.http.router"),
+            istio_stats={"disable_host_header_fallback": True} if inbound else None),
+        access_log=ic.file_access_log(),
+        server_name="istio-envoy" if inbound else None,
+        server_header_transformation="OVERWRITE" if inbound else None,
+        use_remote_address=None, normalize_path=None, stream_idle_timeout=None)
 
 
 def sidecar_bootstrap(pod_ip: str) -> dict[str, Any]:
     """An Envoy bootstrap shaped like the one Istio gives the pod's sidecar (static until
     xDS): the listeners, routes and clusters of spec §3-§6 for the demo's two services."""
-    vhosts = [{"name": f"{svc}.{NS}:{APP_PORT}",
-               "domains": [f"{svc}.{NS}", svc, f"{svc}.default.svc", f"{svc}.default", vip],
-               "routes": [{"name": "default", "match": {"prefix": "/"},
-                           "route": {"cluster": f"outbound|{APP_PORT}||{svc}.{NS}",
-                                     "timeout": "0s"}}]}
+    vhosts = [ic.service_vhost(svc, APP_PORT, vip, [{
+                  "name": "default", "match": {"prefix": "/"},
+                  "route": {"cluster": f"outbound|{APP_PORT}||{svc}.{NS}", "timeout": "0s"}}],
+                  fqdn_dot=False, include_request_attempt_count=False)
               for svc, (vip, _) in SERVICES.items()]
-    vhosts.append({"name": "allow_any", "domains": ["*"], "routes": [{
-        "name": "allow_any", "match": {"prefix": "/"},
-        "route": {"cluster": "PassthroughCluster", "timeout": "0s"}}]})
+    vhosts.append(ic.allow_any_vhost())
     outbound_route = {"name": str(APP_PORT), "ignore_port_in_host_matching": True,
                       "virtual_hosts": vhosts}
     inbound_route = {"name": f"inbound|{APP_PORT}||", "virtual_hosts": [{
         "name": f"inbound|http|{APP_PORT}", "domains": ["*"], "routes": [{
             "name": "default", "match": {"prefix": "/"},
             "route": {"cluster": f"inbound|{APP_PORT}||", "timeout": "0s"}}]}]}
-    passthrough_src = {"source_address": {"address": "127.0.0.6", "port_value": 0}}
-    return {
-        "node": {"id": f"sidecar~{pod_ip}~app-1.default~{NS}", "cluster": "app.default",
-                 "metadata": {"NAME": "app-1", "NAMESPACE": "default", "WORKLOAD_NAME": "app",
-                              "CLUSTER_ID": "Kubernetes",
-                              "LABELS": {"app": "app", "version": "v1"}}},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                 "port_value": 15000}}},
-        "static_resources": {
-            "listeners": [
-                {"name": "virtualOutbound", "use_original_dst": True,
-                 "traffic_direction": "OUTBOUND",
-                 "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15001}},
-                 "filter_chains": [
-                     _tcp_chain("virtualOutbound-blackhole", "BlackHoleCluster",
-                                {"destination_port": 15001}),
-                     _tcp_chain("virtualOutbound-catchall-tcp", "PassthroughCluster")]},
-                {"name": f"0.0.0.0_{APP_PORT}", "bind_to_port": False,
-                 "traffic_direction": "OUTBOUND",
-                 "address": {"socket_address": {"address": "0.0.0.0",
-                                                "port_value": APP_PORT}},
-                 "listener_filters": [{
-                     "name": "envoy.filters.listener.http_inspector", "typed_config": {
-                         "@type": "type.googleapis.com/envoy.extensions.filters.listener."
-                                  "http_inspector.v3.HttpInspector"}}],
-                 "filter_chains": [{
-                     "filter_chain_match": {"application_protocols": ["http/1.1", "h2c"],
-                                            "transport_protocol": "raw_buffer"},
-                     "filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                  "typed_config": _hcm(f"outbound_0.0.0.0_{APP_PORT}",
-                                                       outbound_route, inbound=False)}]}],
-                 "default_filter_chain": _tcp_chain("PassthroughFilterChain",
-                                                    "PassthroughCluster")},
-                {"name": "virtualInbound", "traffic_direction": "INBOUND",
-                 "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15006}},
-                 "listener_filters": [{
-                     "name": "envoy.filters.listener.original_dst", "typed_config": {
-                         "@type": "type.googleapis.com/envoy.extensions.filters.listener."
-                                  "original_dst.v3.OriginalDst"}}],
-                 "filter_chains": [
-                     _tcp_chain("virtualInbound-blackhole", "BlackHoleCluster",
-                                {"destination_port": 15006}),
-                     {"name": f"0.0.0.0_{APP_PORT}",
-                      "filter_chain_match": {"destination_port": APP_PORT},
-                      "filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                   "typed_config": _hcm(f"inbound_0.0.0.0_{APP_PORT}",
-                                                        inbound_route, inbound=True)}]},
-                     _tcp_chain("virtualInbound-catchall-tcp", "InboundPassthroughCluster")]},
-            ],
-            "clusters": [
-                *({"name": f"outbound|{APP_PORT}||{svc}.{NS}", "type": "STATIC",
-                   "connect_timeout": "5s", "lb_policy": "LEAST_REQUEST",
-                   "load_assignment": {
-                       "cluster_name": f"outbound|{APP_PORT}||{svc}.{NS}",
-                       "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                           "socket_address": {"address": ip, "port_value": APP_PORT}}}}]}]}}
-                  for svc, (_, ip) in SERVICES.items()),
-                {"name": f"inbound|{APP_PORT}||", "type": "ORIGINAL_DST",
-                 "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "5s",
-                 "upstream_bind_config": passthrough_src},
-                {"name": "InboundPassthroughCluster", "type": "ORIGINAL_DST",
-                 "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "5s",
-                 "upstream_bind_config": passthrough_src},
-                {"name": "PassthroughCluster", "type": "ORIGINAL_DST",
-                 "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "5s"},
-                {"name": "BlackHoleCluster", "type": "STATIC", "connect_timeout": "5s"},
-            ]},
-    }
+    return ic.bootstrap(
+        node=ic.sidecar_node(pod_ip, "app"),
+        listeners=[
+            ic.virtual_outbound(),
+            ic.outbound_http_listener(
+                APP_PORT, _hcm(f"outbound_0.0.0.0_{APP_PORT}", outbound_route, inbound=False),
+                listener_filters_timeout=None),
+            ic.virtual_inbound(
+                [ic.inbound_http_chain(APP_PORT, _hcm(f"inbound_0.0.0.0_{APP_PORT}",
+                                                      inbound_route, inbound=True))],
+                catchall="virtualInbound-catchall-tcp", listener_filters_timeout=None),
+        ],
+        clusters=[
+            *(ic.static_cluster(f"outbound|{APP_PORT}||{svc}.{NS}", [(ip, APP_PORT)],
+                                connect_timeout="5s", lb_policy="LEAST_REQUEST")
+              for svc, (_, ip) in SERVICES.items()),
+            ic.original_dst_cluster(f"inbound|{APP_PORT}||", connect_timeout="5s",
+                                    inbound=True),
+            ic.inbound_passthrough_cluster("5s"),
+            *ic.passthrough_clusters("5s"),
+        ])
 
 
 # ----------------------------------------------------------------------------- processes

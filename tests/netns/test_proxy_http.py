@@ -36,6 +36,7 @@ import pytest
 import yaml
 
 from remora import netns
+from remora.proxy import istio_config as ic
 from tests.conftest import require_root
 from tests.netns.conftest import PREFIX, remora_bin, remora_iptables
 
@@ -44,7 +45,7 @@ pytestmark = [pytest.mark.privileged, pytest.mark.timeout(180)]
 REPO = Path(__file__).resolve().parents[2]
 POD_A, POD_B = "10.81.0.1", "10.81.0.2"
 APP_UID = 1000
-NS = "default.svc.cluster.local"
+NS = ic.CLUSTER_DOMAIN
 SERVICES = {            # name → (VIP, endpoints)
     "demoappv10": ("10.100.1.10", ["10.3.0.10"]),
     "demoappv11": ("10.100.1.11", ["10.3.0.11"]),
@@ -52,43 +53,14 @@ SERVICES = {            # name → (VIP, endpoints)
     "outlier": ("10.100.1.30", ["10.3.0.30", "10.3.0.31"]),
 }
 GRPC_VIP = "10.100.2.9"
-HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3." \
-      "HttpConnectionManager"
-TCP = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
-H2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-    "explicit_http_config": {"http2_protocol_options": {}}}}
-ISTIO_RETRY = {"retry_on": "connect-failure,refused-stream,unavailable,cancelled,"
-                           "retriable-status-codes",
-               "num_retries": 2, "retry_host_predicate": [
-                   {"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
-                       "@type": "type.googleapis.com/envoy.extensions.retry.host."
-                                "previous_hosts.v3.PreviousHostsPredicate"}}],
-               "host_selection_retry_max_attempts": "5"}
-
-
-def _addr(ip: str, port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": ip, "port_value": port}}
-
-
-def _tcp_chain(name: str, cluster: str, match: dict[str, Any] | None = None) -> dict[str, Any]:
-    chain: dict[str, Any] = {"name": name, "filters": [{
-        "name": "envoy.filters.network.tcp_proxy",
-        "typed_config": {"@type": TCP, "stat_prefix": cluster, "cluster": cluster}}]}
-    if match:
-        chain["filter_chain_match"] = match
-    return chain
-
-
-# Istio's default access log format (spec §10.2, pilot/pkg/model/telemetry_logging.go).
-ISTIO_LOG_FORMAT = (
-    '[%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" '
-    '%RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% '
-    '"%UPSTREAM_TRANSPORT_FAILURE_REASON%" %BYTES_RECEIVED% %BYTES_SENT% %DURATION% '
-    '%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% "%REQ(X-FORWARDED-FOR)%" "%REQ(USER-AGENT)%" '
-    '"%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" "%UPSTREAM_HOST%" %UPSTREAM_CLUSTER_RAW% '
-    '%UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% '
-    '%REQUESTED_SERVER_NAME% %ROUTE_NAME%\n')
+# Istio's sidecar HTTP filters as these sidecars have them: without cors, istio.stats before
+# fault.
+HTTP_FILTERS: tuple[ic.HttpFilterName, ...] = (
+    "istio.metadata_exchange", "envoy.filters.http.grpc_stats", "istio.stats",
+    "envoy.filters.http.fault", "envoy.filters.http.router")
+# The sidecars' access log: stdout, Istio's default format (spec §10.2,
+# pilot/pkg/model/telemetry_logging.go).
+ACCESS_LOG = ic.file_access_log()
 ZIPKIN = "10.3.0.40"
 # Istio's Zipkin tracer settings (meshConfig.defaultConfig.tracing.zipkin), 100 % sampling.
 TRACING = {"random_sampling": {"value": 100}, "provider": {
@@ -97,114 +69,33 @@ TRACING = {"random_sampling": {"value": 100}, "provider": {
         "collector_cluster": "zipkin", "collector_endpoint": "/api/v2/spans",
         "collector_endpoint_version": "HTTP_JSON", "trace_id_128bit": True,
         "shared_span_context": False}}}
-ACCESS_LOG = [{"name": "envoy.access_loggers.file", "typed_config": {
-    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-    "path": "/dev/stdout", "log_format": {"text_format_source": {
-        "inline_string": ISTIO_LOG_FORMAT}}}}]
-
-
-def _http_filters() -> list[dict[str, Any]]:
-    return [
-        {"name": "istio.metadata_exchange", "typed_config": {
-            "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
-            "type_url": "type.googleapis.com/io.istio.http.metadata_exchange.Config",
-            "value": {}}},
-        {"name": "envoy.filters.http.grpc_stats", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3."
-                     "FilterConfig", "emit_filter_state": True, "stats_for_all_methods": True}},
-        {"name": "istio.stats", "typed_config": {
-            "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
-            "type_url": "type.googleapis.com/stats.PluginConfig", "value": {}}},
-        {"name": "envoy.filters.http.fault", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}},
-        {"name": "envoy.filters.http.router", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
-    ]
 
 
 def _outbound_http_listener(port: int, rds_path: str) -> dict[str, Any]:
     """Istio's ``0.0.0.0_<port>`` outbound HTTP listener (spec §4.2)."""
-    return {
-        "name": f"0.0.0.0_{port}", "address": _addr("0.0.0.0", port), "bind_to_port": False,
-        "traffic_direction": "OUTBOUND", "continue_on_listener_filters_timeout": True,
-        "listener_filters_timeout": "0s",
-        "listener_filters": [{"name": "envoy.filters.listener.http_inspector", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3."
-                     "HttpInspector"}}],
-        "filter_chains": [{
-            "filter_chain_match": {"application_protocols": ["http/1.1", "h2c"],
-                                   "transport_protocol": "raw_buffer"},
-            "filters": [{"name": "envoy.filters.network.http_connection_manager",
-                         "typed_config": {
-                             "@type": HCM, "stat_prefix": f"outbound_0.0.0.0_{port}",
-                             "rds": {"route_config_name": str(port), "config_source": {
-                                 "path_config_source": {"path": rds_path}}},
-                             "http_filters": _http_filters(),
-                             "upgrade_configs": [{"upgrade_type": "websocket"}],
-                             "access_log": ACCESS_LOG, "tracing": TRACING,
-                             "use_remote_address": False, "normalize_path": True,
-                             "stream_idle_timeout": "0s"}}]}],
-        "default_filter_chain": _tcp_chain("PassthroughFilterChain", "PassthroughCluster"),
-    }
-
-
-def _virtual_listeners() -> list[dict[str, Any]]:
-    return [
-        {"name": "virtualOutbound", "address": _addr("0.0.0.0", 15001),
-         "use_original_dst": True, "traffic_direction": "OUTBOUND",
-         "filter_chains": [
-             _tcp_chain("virtualOutbound-blackhole", "BlackHoleCluster",
-                        {"destination_port": 15001}),
-             _tcp_chain("virtualOutbound-catchall-tcp", "PassthroughCluster")]},
-    ]
+    return ic.outbound_http_listener(port, ic.http_connection_manager(
+        f"outbound_0.0.0.0_{port}", rds=ic.rds_from_file(str(port), rds_path),
+        http_filters=ic.http_filters(HTTP_FILTERS), access_log=ACCESS_LOG, websocket=True,
+        tracing=TRACING))
 
 
 TCP_VIP = "10.100.3.3"
 TCP_CLUSTER = f"outbound|7070||tcpecho.{NS}"
 
 
-def _tcp_service_listener() -> dict[str, Any]:
-    """Istio's ``<VIP>_<port>`` TCP listener: istio.stats, then tcp_proxy with an access log
-    (spec §4.2)."""
-    return {
-        "name": f"{TCP_VIP}_7070", "address": _addr(TCP_VIP, 7070), "bind_to_port": False,
-        "traffic_direction": "OUTBOUND", "listener_filters_timeout": "0s",
-        "filter_chains": [{"filters": [
-            {"name": "istio.stats", "typed_config": {
-                "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
-                "type_url": "type.googleapis.com/stats.PluginConfig", "value": {}}},
-            {"name": "envoy.filters.network.tcp_proxy", "typed_config": {
-                "@type": TCP, "stat_prefix": TCP_CLUSTER, "cluster": TCP_CLUSTER,
-                "access_log": ACCESS_LOG}}]}],
-    }
-
-
 def _cluster(name: str, ips: list[str], port: int, **extra: Any) -> dict[str, Any]:
-    return {"name": name, "type": "STATIC", "connect_timeout": "2s",
-            "lb_policy": "ROUND_ROBIN", "load_assignment": {
-                "cluster_name": name, "endpoints": [{"lb_endpoints": [
-                    {"endpoint": {"address": _addr(ip, port)}} for ip in ips]}]}, **extra}
-
-
-def _base_clusters() -> list[dict[str, Any]]:
-    return [
-        {"name": "PassthroughCluster", "type": "ORIGINAL_DST",
-         "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "2s"},
-        {"name": "BlackHoleCluster", "type": "STATIC", "connect_timeout": "2s"},
-    ]
+    return {**ic.static_cluster(name, [(ip, port) for ip in ips], connect_timeout="2s",
+                                lb_policy="ROUND_ROBIN"), **extra}
 
 
 def _vhost(svc: str, port: int, route: dict[str, Any]) -> dict[str, Any]:
-    vip = SERVICES[svc][0] if svc in SERVICES else GRPC_VIP
-    fqdn = f"{svc}.{NS}"
-    return {"name": f"{fqdn}:{port}",
-            "domains": [fqdn, f"{fqdn}.", svc, f"{svc}.default.svc", f"{svc}.default", vip],
-            "routes": [route], "include_request_attempt_count": True}
+    return ic.service_vhost(svc, port, SERVICES[svc][0] if svc in SERVICES else GRPC_VIP,
+                            [route])
 
 
 def _default_route(cluster: str, **extra: Any) -> dict[str, Any]:
     return {"name": "default", "match": {"prefix": "/"},
-            "route": {"cluster": cluster, "timeout": "0s", "retry_policy": ISTIO_RETRY,
+            "route": {"cluster": cluster, "timeout": "0s", "retry_policy": ic.ISTIO_RETRY_POLICY,
                       **extra}}
 
 
@@ -224,25 +115,20 @@ def route_configs() -> dict[str, Any]:
         _vhost("flaky", 8080, {"name": "flaky", "match": {"prefix": "/"}, "route": {
             "cluster": oc["flaky"], "timeout": "0s", "retry_policy": {
                 "retry_on": "reset,connect-failure", "num_retries": 3,
-                "retry_host_predicate": ISTIO_RETRY["retry_host_predicate"],
+                "retry_host_predicate": ic.ISTIO_RETRY_POLICY["retry_host_predicate"],
                 "host_selection_retry_max_attempts": "5"}}}),
         _vhost("outlier", 8080, _default_route(oc["outlier"])),
-        {"name": "allow_any", "domains": ["*"], "routes": [{
-            "name": "allow_any", "match": {"prefix": "/"},
-            "route": {"cluster": "PassthroughCluster", "timeout": "0s"}}]},
+        ic.allow_any_vhost(),
     ]
     grpc_vhosts = [_vhost("grpc", 9090, _default_route(f"outbound|9090||grpc.{NS}"))]
-    rt = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-    return {"version_info": "1", "resources": [
-        {"@type": rt, "name": "8080", "virtual_hosts": vhosts, "validate_clusters": False,
-         "ignore_port_in_host_matching": True},
-        {"@type": rt, "name": "9090", "virtual_hosts": grpc_vhosts, "validate_clusters": False,
-         "ignore_port_in_host_matching": True},
-    ]}
+    return ic.rds_file(
+        {"name": name, "virtual_hosts": vh, "validate_clusters": False,
+         "ignore_port_in_host_matching": True}
+        for name, vh in (("8080", vhosts), ("9090", grpc_vhosts)))
 
 
 def bootstrap_a(rds_path: str) -> dict[str, Any]:
-    clusters = _base_clusters()
+    clusters = ic.passthrough_clusters("2s")
     for svc, (_, ips) in SERVICES.items():
         extra: dict[str, Any] = {}
         if svc == "outlier":
@@ -251,65 +137,39 @@ def bootstrap_a(rds_path: str) -> dict[str, Any]:
                                           "max_ejection_percent": 50}
         clusters.append(_cluster(f"outbound|8080||{svc}.{NS}", ips, 8080, **extra))
     clusters.append(_cluster(f"outbound|9090||grpc.{NS}", [POD_B], 9090,
-                             typed_extension_protocol_options=H2))
+                             typed_extension_protocol_options=ic.upstream_http2()))
     clusters.append(_cluster("zipkin", [ZIPKIN], 8080))
     clusters.append(_cluster(TCP_CLUSTER, ["10.3.0.10"], 8080))   # demoappv10's server
-    return {
-        "node": {"id": f"sidecar~{POD_A}~client-1.default~{NS}", "cluster": "client.default",
-                 "metadata": {"NAME": "client-1", "NAMESPACE": "default",
-                              "WORKLOAD_NAME": "client", "CLUSTER_ID": "Kubernetes",
-                              "LABELS": {"app": "client", "version": "v1"}}},
-        "admin": {"address": _addr("127.0.0.1", 15000)},
-        "static_resources": {
-            "listeners": [*_virtual_listeners(), _outbound_http_listener(8080, rds_path),
-                          _outbound_http_listener(9090, rds_path), _tcp_service_listener()],
-            "clusters": clusters},
-    }
+    return ic.bootstrap(
+        node=ic.sidecar_node(POD_A, "client"),
+        listeners=[ic.virtual_outbound(), _outbound_http_listener(8080, rds_path),
+                   _outbound_http_listener(9090, rds_path),
+                   # Istio's <VIP>_<port> TCP listener: istio.stats, then tcp_proxy with an
+                   # access log (spec §4.2).
+                   ic.outbound_tcp_listener(TCP_VIP, 7070, TCP_CLUSTER, access_log=ACCESS_LOG)],
+        clusters=clusters)
 
 
 def bootstrap_b() -> dict[str, Any]:
     """Pod B's sidecar: virtualInbound with Istio's inbound HTTP chain for :9090 (§5.3)."""
     inbound = "inbound|9090||"
-    hcm = {"@type": HCM, "stat_prefix": "inbound_0.0.0.0_9090",
-           "route_config": {"name": inbound, "validate_clusters": False, "virtual_hosts": [{
-               "name": "inbound|http|9090", "domains": ["*"], "routes": [{
-                   "name": "default", "match": {"prefix": "/"},
-                   "route": {"cluster": inbound, "timeout": "0s"},
-                   "decorator": {"operation": f"grpc.{NS}:9090/*"}}]}]},
-           "http_filters": _http_filters(), "server_name": "istio-envoy",
-           "access_log": ACCESS_LOG,
-           "server_header_transformation": "OVERWRITE", "use_remote_address": False}
-    return {
-        "node": {"id": f"sidecar~{POD_B}~grpc-1.default~{NS}", "cluster": "grpc.default",
-                 "metadata": {"NAME": "grpc-1", "NAMESPACE": "default",
-                              "WORKLOAD_NAME": "grpc", "CLUSTER_ID": "Kubernetes",
-                              "LABELS": {"app": "grpc", "version": "v1"}}},
-        "admin": {"address": _addr("127.0.0.1", 15000)},
-        "static_resources": {
-            "listeners": [{
-                "name": "virtualInbound", "address": _addr("0.0.0.0", 15006),
-                "traffic_direction": "INBOUND", "listener_filters_timeout": "0s",
-                "continue_on_listener_filters_timeout": True,
-                "listener_filters": [{"name": "envoy.filters.listener.original_dst",
-                                      "typed_config": {
-                                          "@type": "type.googleapis.com/envoy.extensions."
-                                                   "filters.listener.original_dst.v3."
-                                                   "OriginalDst"}}],
-                "filter_chains": [
-                    _tcp_chain("virtualInbound-blackhole", "BlackHoleCluster",
-                               {"destination_port": 15006}),
-                    {"name": "0.0.0.0_9090", "filter_chain_match": {"destination_port": 9090},
-                     "filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                  "typed_config": hcm}]}]}],
-            "clusters": [
-                *_base_clusters(),
-                {"name": inbound, "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
-                 "connect_timeout": "2s",
-                 "upstream_bind_config": {"source_address": {"address": "127.0.0.6",
-                                                              "port_value": 0}},
-                 "typed_extension_protocol_options": H2},
-            ]},
-    }
+    hcm = ic.http_connection_manager(
+        "inbound_0.0.0.0_9090",
+        route_config={"name": inbound, "validate_clusters": False, "virtual_hosts": [{
+            "name": "inbound|http|9090", "domains": ["*"], "routes": [{
+                "name": "default", "match": {"prefix": "/"},
+                "route": {"cluster": inbound, "timeout": "0s"},
+                "decorator": {"operation": f"grpc.{NS}:9090/*"}}]}]},
+        http_filters=ic.http_filters(HTTP_FILTERS), access_log=ACCESS_LOG,
+        server_name="istio-envoy", server_header_transformation="OVERWRITE",
+        normalize_path=None, stream_idle_timeout=None)
+    return ic.bootstrap(
+        node=ic.sidecar_node(POD_B, "grpc"),
+        # No catch-all chain: the tests send pod B's sidecar nothing but :9090.
+        listeners=[ic.virtual_inbound([ic.inbound_http_chain(9090, hcm)], catchall=None)],
+        clusters=[*ic.passthrough_clusters("2s"),
+                  ic.original_dst_cluster(inbound, connect_timeout="2s", inbound=True,
+                                          protocol_options=ic.upstream_http2())])
 
 
 # ------------------------------------------------------------------------------ processes
