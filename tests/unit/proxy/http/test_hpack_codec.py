@@ -223,3 +223,18 @@ def test_decoder_table_shrinks_and_evicts() -> None:
     enc.header_table_size = 40            # room for one
     assert dec.decode(enc.encode([(b"x-c", b"3")])) == [(b"x-c", b"3")]
     assert dec._names == [b"x-c"] and dec.header_table_size == 40
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.binary(max_size=40), max_size=4))
+def test_any_bytes_decode_or_raise_an_hpack_error(blocks: list[bytes]) -> None:
+    """Whatever a peer sends, the decoder returns fields or raises one of hpack's decoding
+    errors (which h2 turns into a connection error), block after block on one context."""
+    dec = Decoder(max_header_list_size=1000)
+    for block in blocks:
+        try:
+            fields = dec.decode(block)
+        except HPACKDecodingError:
+            continue
+        assert all(type(n) is bytes and type(v) is bytes for n, v in fields)
+        assert dec._size <= dec.header_table_size
