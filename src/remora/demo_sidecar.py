@@ -64,17 +64,16 @@ START_TIMEOUT = 30.0
 # ----------------------------------------------------------------------------- the bootstrap
 
 def _hcm(stat_prefix: str, route: dict[str, Any], *, inbound: bool) -> dict[str, Any]:
-    """The demo's HCM: Istio's access log on stdout and three of Istio's HTTP filters; it
-    leaves use_remote_address, normalize_path and stream_idle_timeout to Envoy's defaults."""
+    """The demo's HCM, as Istio configures a sidecar's (spec §4.2-§4.3, §5.3): Istio's HTTP
+    filter chain, its access log on stdout, and on the inbound side the ``istio-envoy``
+    server name."""
     return ic.http_connection_manager(
         stat_prefix, route_config=route,
         http_filters=ic.http_filters(
-            ("istio.metadata_exchange", "istio.stats", "envoy.filters.http.router"),
             istio_stats={"disable_host_header_fallback": True} if inbound else None),
         access_log=ic.file_access_log(),
         server_name="istio-envoy" if inbound else None,
-        server_header_transformation="OVERWRITE" if inbound else None,
-        use_remote_address=None, normalize_path=None, stream_idle_timeout=None)
+        server_header_transformation="OVERWRITE" if inbound else None)
 
 
 def sidecar_bootstrap(pod_ip: str) -> dict[str, Any]:
@@ -82,8 +81,7 @@ def sidecar_bootstrap(pod_ip: str) -> dict[str, Any]:
     xDS): the listeners, routes and clusters of spec §3-§6 for the demo's two services."""
     vhosts = [ic.service_vhost(svc, APP_PORT, vip, [{
                   "name": "default", "match": {"prefix": "/"},
-                  "route": {"cluster": f"outbound|{APP_PORT}||{svc}.{NS}", "timeout": "0s"}}],
-                  fqdn_dot=False, include_request_attempt_count=False)
+                  "route": {"cluster": f"outbound|{APP_PORT}||{svc}.{NS}", "timeout": "0s"}}])
               for svc, (vip, _) in SERVICES.items()]
     vhosts.append(ic.allow_any_vhost())
     outbound_route = {"name": str(APP_PORT), "ignore_port_in_host_matching": True,
@@ -97,12 +95,10 @@ def sidecar_bootstrap(pod_ip: str) -> dict[str, Any]:
         listeners=[
             ic.virtual_outbound(),
             ic.outbound_http_listener(
-                APP_PORT, _hcm(f"outbound_0.0.0.0_{APP_PORT}", outbound_route, inbound=False),
-                listener_filters_timeout=None),
+                APP_PORT, _hcm(f"outbound_0.0.0.0_{APP_PORT}", outbound_route, inbound=False)),
             ic.virtual_inbound(
                 [ic.inbound_http_chain(APP_PORT, _hcm(f"inbound_0.0.0.0_{APP_PORT}",
-                                                      inbound_route, inbound=True))],
-                catchall="virtualInbound-catchall-tcp", listener_filters_timeout=None),
+                                                      inbound_route, inbound=True))]),
         ],
         clusters=[
             *(ic.static_cluster(f"outbound|{APP_PORT}||{svc}.{NS}", [(ip, APP_PORT)],
