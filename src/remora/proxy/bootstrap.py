@@ -13,7 +13,7 @@ import dataclasses
 import ipaddress
 import json
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final
 
 import yaml
 from envoy.config.bootstrap.v3 import bootstrap_pb2
@@ -101,7 +101,9 @@ SUPPORTED: dict[str, str | frozenset[str]] = {
     "envoy.type.v3.Int32Range": frozenset({"start", "end"}),
     "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy": frozenset({
         "stat_prefix", "cluster", "weighted_clusters", "idle_timeout", "max_connect_attempts",
-        "access_log"}),
+        "access_log", "hash_policy"}),
+    "envoy.type.v3.HashPolicy": frozenset({"source_ip"}),
+    "envoy.type.v3.HashPolicy.SourceIp": frozenset(),
     "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster": frozenset({
         "clusters"}),
     "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.WeightedCluster.ClusterWeight":
@@ -113,7 +115,11 @@ SUPPORTED: dict[str, str | frozenset[str]] = {
         "name", "type", "lb_policy", "connect_timeout", "load_assignment",
         "upstream_bind_config", "circuit_breakers", "alt_stat_name", "eds_cluster_config",
         "cleanup_interval", "dns_refresh_rate", "dns_lookup_family",
-        "typed_extension_protocol_options", "outlier_detection"}),
+        "typed_extension_protocol_options", "outlier_detection", "ring_hash_lb_config",
+        "maglev_lb_config"}),
+    "envoy.config.cluster.v3.Cluster.RingHashLbConfig": frozenset({
+        "minimum_ring_size", "maximum_ring_size", "hash_function"}),
+    "envoy.config.cluster.v3.Cluster.MaglevLbConfig": frozenset({"table_size"}),
     "envoy.config.cluster.v3.OutlierDetection": frozenset({
         "consecutive_5xx", "consecutive_gateway_failure", "enforcing_consecutive_5xx",
         "enforcing_consecutive_gateway_failure", "interval", "base_ejection_time",
@@ -149,6 +155,7 @@ SUPPORTED: dict[str, str | frozenset[str]] = {
     "envoy.config.endpoint.v3.Endpoint": frozenset({"address", "hostname"}),
     "google.protobuf.Duration": ANY_FIELDS,
     "google.protobuf.UInt32Value": ANY_FIELDS,
+    "google.protobuf.UInt64Value": ANY_FIELDS,
     "google.protobuf.BoolValue": ANY_FIELDS,
     "google.protobuf.Any": ANY_FIELDS,
 }
@@ -305,7 +312,8 @@ def _tcp_proxy(msg: Message, path: str) -> TcpProxy:
                     access_logs=logs,
                     idle_timeout=idle or None,
                     max_connect_attempts=msg.max_connect_attempts.value
-                    if msg.HasField("max_connect_attempts") else 1)
+                    if msg.HasField("max_connect_attempts") else 1,
+                    hash_source_ip=any(h.HasField("source_ip") for h in msg.hash_policy))
 
 
 def _disabled_ports(pred: Message, path: str) -> tuple[frozenset[int], bool]:
@@ -373,7 +381,44 @@ _CLUSTER_TYPES: dict[int, ClusterType] = {
     C.EDS: "EDS", C.ORIGINAL_DST: "ORIGINAL_DST"}
 _LB: dict[int, LbPolicy] = {
     C.ROUND_ROBIN: "ROUND_ROBIN", C.LEAST_REQUEST: "LEAST_REQUEST", C.RANDOM: "RANDOM",
-    C.CLUSTER_PROVIDED: "CLUSTER_PROVIDED"}
+    C.RING_HASH: "RING_HASH", C.MAGLEV: "MAGLEV", C.CLUSTER_PROVIDED: "CLUSTER_PROVIDED"}
+_MAX_RING: Final = 8 * 1024 * 1024      # Envoy's limit on either ring size
+_MAX_MAGLEV_TABLE: Final = 5000011      # Envoy's limit on the table size (a prime)
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    i = 2
+    while i * i <= n:
+        if n % i == 0:
+            return False
+        i += 1
+    return True
+
+
+def _hash_lb(msg: cluster_pb2.Cluster, path: str) -> dict[str, Any]:
+    """``ring_hash_lb_config`` / ``maglev_lb_config`` → the model's sizes (Envoy's rules)."""
+    out: dict[str, Any] = {}
+    if msg.HasField("ring_hash_lb_config"):
+        r = msg.ring_hash_lb_config
+        lo = r.minimum_ring_size.value if r.HasField("minimum_ring_size") else 1024
+        hi = r.maximum_ring_size.value if r.HasField("maximum_ring_size") else _MAX_RING
+        if not 1 <= lo <= hi <= _MAX_RING:
+            raise BadInput(f"{path}.ring_hash_lb_config: need 1 <= minimum_ring_size <= "
+                           f"maximum_ring_size <= {_MAX_RING}, got {lo} and {hi}")
+        if r.hash_function != C.RingHashLbConfig.XX_HASH:
+            raise BadInput(f"unsupported {path}.ring_hash_lb_config.hash_function: only "
+                           "XX_HASH is implemented")
+        out.update(ring_min_size=lo, ring_max_size=hi)
+    if msg.HasField("maglev_lb_config"):
+        m = msg.maglev_lb_config
+        size = m.table_size.value if m.HasField("table_size") else 65537
+        if not _is_prime(size) or size > _MAX_MAGLEV_TABLE:
+            raise BadInput(f"{path}.maglev_lb_config.table_size: {size} is not a prime up to "
+                           f"{_MAX_MAGLEV_TABLE}")
+        out["maglev_table_size"] = size
+    return out
 _DNS_FAMILY: dict[int, DnsLookupFamily] = {
     C.AUTO: "AUTO", C.V4_ONLY: "V4_ONLY", C.V6_ONLY: "V6_ONLY", C.V4_PREFERRED: "V4_PREFERRED",
     C.ALL: "ALL"}
@@ -498,6 +543,7 @@ def _cluster(msg: cluster_pb2.Cluster, path: str) -> Cluster:
         outlier_detection=_outlier(msg.outlier_detection)
         if msg.HasField("outlier_detection") else None,
         **_http_options(msg, path),
+        **_hash_lb(msg, path),
     )
 
 

@@ -2,30 +2,43 @@
 
 Owns: Envoy's ROUND_ROBIN (weighted by earliest-deadline-first when weights differ), its
 LEAST_REQUEST (power of two choices on active requests when all weights are equal, else EDF
-with weights divided by ``active + 1``), RANDOM (uniform, weights ignored), the choice of the
-hosts to balance over (healthy ones; all of them in "panic" when fewer than the panic
-threshold, 50 %, are healthy), and weighted choice among clusters.
+with weights divided by ``active + 1``), RANDOM (uniform, weights ignored), the consistent
+hashing balancers RING_HASH (a ketama ring of xxHash64 points, ``<address>_<i>``, as many per
+host as its share of ``minimum_ring_size``) and MAGLEV (the Maglev paper's lookup table, with
+Envoy's weighted fill), which pick by the request's hash (:mod:`remora.proxy.http.hashing`),
+the choice of the hosts to balance over (healthy ones; all of them in "panic" when fewer
+than the panic threshold, 50 %, are healthy), and weighted choice among clusters.
 Must not: know about sockets, clusters' configs or stats; randomness comes from an injected
 ``random.Random`` so tests are repeatable and workers differ.
 
 References: Envoy docs ``arch_overview/upstream/load_balancing/load_balancers.rst`` and
 ``panic_threshold.rst``; ``source/common/upstream/load_balancer_impl.cc`` (behaviour, not code).
-Simplifications: one priority level (hosts of every priority are balanced together), no
-locality weighting, no slow start.
+``ring_hash_lb.cc`` and ``maglev_lb.cc`` for the two tables and what a retry (``attempt``)
+does to the choice. Simplifications: one priority level (hosts of every priority are balanced
+together), no locality weighting, no slow start; RING_HASH hashes with XX_HASH only (MURMUR_HASH_2
+is refused at start-up) and keys hosts by address (not ``use_hostname_for_hashing``).
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 import random
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
-from typing import Generic, Protocol, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
+
+import xxhash
 
 from remora.proxy.model import LbPolicy
 
 DEFAULT_PANIC_THRESHOLD = 50.0   # percent (Envoy common_lb_config.healthy_panic_threshold)
 DEFAULT_CHOICE_COUNT = 2          # Envoy LeastRequestLbConfig.choice_count
 DEFAULT_ACTIVE_REQUEST_BIAS = 1.0  # Envoy LeastRequestLbConfig.active_request_bias
+DEFAULT_RING_MIN = 1024           # Envoy RingHashLbConfig.minimum_ring_size
+DEFAULT_RING_MAX = 8 * 1024 * 1024  # Envoy RingHashLbConfig.maximum_ring_size
+DEFAULT_MAGLEV_TABLE = 65537      # Envoy MaglevLbConfig.table_size
+_U64: Final = (1 << 64) - 1
 
 
 class LbHost(Protocol):
@@ -39,6 +52,12 @@ class LbHost(Protocol):
 
     @property
     def active_requests(self) -> int: ...
+
+    @property
+    def address_text(self) -> str:
+        """The address as Envoy prints it (``10.0.0.1:8080``, ``[::1]:8080``): RING_HASH's
+        and MAGLEV's key for the host."""
+        ...
 
 
 H = TypeVar("H", bound=LbHost)
@@ -105,7 +124,10 @@ class LoadBalancer(Generic[H]):
     def hosts(self) -> list[H]:
         return self._hosts
 
-    def pick(self) -> H | None:
+    def pick(self, hash_key: int | None = None, attempt: int = 0) -> H | None:
+        """The next host. ``hash_key``: the request's hash (hash policies), which only the
+        consistent-hashing balancers read; ``attempt`` > 0 asks them for another host, for a
+        retry whose host predicate refused the last one."""
         raise NotImplementedError
 
 
@@ -126,7 +148,7 @@ class RoundRobin(LoadBalancer[H]):
             for _ in range(self.rng.randrange(n)):
                 self._edf.pick()
 
-    def pick(self) -> H | None:
+    def pick(self, hash_key: int | None = None, attempt: int = 0) -> H | None:
         if not self._hosts:
             return None
         if self._edf is not None:
@@ -156,7 +178,7 @@ class LeastRequest(LoadBalancer[H]):
             self._edf = _Edf(self._hosts,
                              lambda h: h.weight / float(h.active_requests + 1) ** bias)
 
-    def pick(self) -> H | None:
+    def pick(self, hash_key: int | None = None, attempt: int = 0) -> H | None:
         hosts = self._hosts
         if not hosts:
             return None
@@ -174,19 +196,141 @@ class LeastRequest(LoadBalancer[H]):
 class RandomLb(LoadBalancer[H]):
     """Uniform among the hosts to use (Envoy's RANDOM ignores weights)."""
 
-    def pick(self) -> H | None:
+    def pick(self, hash_key: int | None = None, attempt: int = 0) -> H | None:
         if not self._hosts:
             return None
         return self._hosts[self.rng.randrange(len(self._hosts))]
 
 
-def make_lb(policy: LbPolicy, hosts: Sequence[H], rng: random.Random) -> LoadBalancer[H]:
+class RingHash(LoadBalancer[H]):
+    """Envoy's ketama ring: each host gets points ``xxHash64("<address>_<i>")`` in proportion
+    to its weight, scaled so the lightest host has a whole number of them and the ring holds
+    at least ``min_size`` (at most ``max_size``); a hash picks the first point at or after it
+    (wrapping). Without a hash (no policy matched) a random one is used, as Envoy does."""
+
+    def __init__(self, hosts: Sequence[H], rng: random.Random,
+                 panic_threshold: float = DEFAULT_PANIC_THRESHOLD, *,
+                 min_size: int = DEFAULT_RING_MIN, max_size: int = DEFAULT_RING_MAX) -> None:
+        self.min_size = min_size
+        self.max_size = max_size
+        super().__init__(hosts, rng, panic_threshold)
+
+    def _rebuild(self) -> None:
+        hosts = self._hosts
+        points: list[tuple[int, int]] = []
+        if hosts:
+            total = float(sum(h.weight for h in hosts))
+            shares = [h.weight / total for h in hosts]
+            least = min(shares)
+            scale = min(math.ceil(least * self.min_size) / least, float(self.max_size))
+            done = 0.0
+            target = 0.0
+            for index, host in enumerate(hosts):
+                key = host.address_text
+                target += scale * shares[index]
+                i = 0
+                while done < target:
+                    points.append((xxhash.xxh64_intdigest(f"{key}_{i}".encode()), index))
+                    i += 1
+                    done += 1.0
+            points.sort()
+        self._points = [p[0] for p in points]
+        self._owners = [hosts[p[1]] for p in points]
+
+    @property
+    def ring_size(self) -> int:
+        return len(self._points)
+
+    def pick(self, hash_key: int | None = None, attempt: int = 0) -> H | None:
+        n = len(self._points)
+        if not n:
+            return None
+        h = self.rng.getrandbits(64) if hash_key is None else hash_key
+        i = bisect_left(self._points, h)
+        if i == n:
+            i = 0
+        if attempt > 0:
+            # a retry's predicate refused the host: as if its point were not there
+            i = (i + attempt) % n
+        return self._owners[i]
+
+
+class Maglev(LoadBalancer[H]):
+    """The Maglev lookup table (``table_size`` slots, a prime): each host walks its own
+    permutation of the slots (offset ``xxHash64(address) % M``, step ``xxHash64(address,
+    seed=1) % (M - 1) + 1``) and the hosts take turns claiming their next free slot, a host of
+    a third of the largest weight taking a turn every third round; a hash picks slot
+    ``hash % M``. Without a hash a random one is used."""
+
+    def __init__(self, hosts: Sequence[H], rng: random.Random,
+                 panic_threshold: float = DEFAULT_PANIC_THRESHOLD, *,
+                 table_size: int = DEFAULT_MAGLEV_TABLE) -> None:
+        self.table_size = table_size
+        super().__init__(hosts, rng, panic_threshold)
+
+    def _rebuild(self) -> None:
+        hosts = self._hosts
+        m = self.table_size
+        slots: list[int] = []
+        if hosts:
+            n = len(hosts)
+            offsets = [xxhash.xxh64_intdigest(h.address_text.encode()) % m for h in hosts]
+            skips = [xxhash.xxh64_intdigest(h.address_text.encode(), seed=1) % (m - 1) + 1
+                     for h in hosts]
+            weights = [h.weight for h in hosts]
+            most = max(weights)
+            nexts = [0] * n
+            due = [0] * n               # in units of the largest weight
+            slots = [-1] * m
+            filled = 0
+            rnd = 1
+            while filled < m:
+                for i in range(n):
+                    if rnd * weights[i] < due[i]:
+                        continue
+                    due[i] += most
+                    c = (offsets[i] + skips[i] * nexts[i]) % m
+                    while slots[c] >= 0:
+                        nexts[i] += 1
+                        c = (offsets[i] + skips[i] * nexts[i]) % m
+                    slots[c] = i
+                    nexts[i] += 1
+                    filled += 1
+                    if filled == m:
+                        break
+                rnd += 1
+        self._slots = slots
+
+    def slot_counts(self) -> list[int]:
+        """How many slots each host (in :attr:`hosts` order) holds."""
+        counts = [0] * len(self._hosts)
+        for i in self._slots:
+            counts[i] += 1
+        return counts
+
+    def pick(self, hash_key: int | None = None, attempt: int = 0) -> H | None:
+        if not self._slots:
+            return None
+        h = self.rng.getrandbits(64) if hash_key is None else hash_key
+        if attempt > 0:
+            # a retry: flip most of the hash's bits so the retry lands far from the refused slot
+            h ^= (_U64 - attempt + 1)
+        return self._hosts[self._slots[h % self.table_size]]
+
+
+def make_lb(policy: LbPolicy, hosts: Sequence[H], rng: random.Random, *,
+            ring_min: int = DEFAULT_RING_MIN, ring_max: int = DEFAULT_RING_MAX,
+            maglev_table: int = DEFAULT_MAGLEV_TABLE) -> LoadBalancer[H]:
     """The balancer for a cluster's ``lb_policy``. CLUSTER_PROVIDED (ORIGINAL_DST) has none of
     its own; it gets round robin, which is never consulted for such clusters."""
     if policy == "LEAST_REQUEST":
         return LeastRequest(hosts, rng)
     if policy == "RANDOM":
         return RandomLb(hosts, rng)
+    if policy == "RING_HASH":
+        return RingHash(hosts, rng, min_size=ring_min, max_size=ring_max)
+    if policy == "MAGLEV":
+        return Maglev(hosts, rng, table_size=maglev_table)
     return RoundRobin(hosts, rng)
 
 

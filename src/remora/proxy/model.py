@@ -96,6 +96,7 @@ class TcpProxy:
     max_connect_attempts: int = 1
     access_logs: tuple[Any, ...] = ()     # remora.proxy.http.accesslog.AccessLogConfig
     istio_stats: bool = False             # an ``istio.stats`` network filter precedes it
+    hash_source_ip: bool = False          # hash_policy source_ip: RING_HASH / MAGLEV key
 
 
 NetworkFilterConfig = TcpProxy | HcmConfig
@@ -177,7 +178,8 @@ class Listener:
 
 
 ClusterType = Literal["STATIC", "STRICT_DNS", "LOGICAL_DNS", "EDS", "ORIGINAL_DST"]
-LbPolicy = Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "CLUSTER_PROVIDED"]
+LbPolicy = Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "RING_HASH", "MAGLEV",
+                   "CLUSTER_PROVIDED"]
 DnsLookupFamily = Literal["AUTO", "V4_ONLY", "V6_ONLY", "V4_PREFERRED", "ALL"]
 HealthStatus = Literal["UNKNOWN", "HEALTHY", "UNHEALTHY", "DRAINING", "TIMEOUT", "DEGRADED"]
 
@@ -257,6 +259,10 @@ class Cluster:
     http_idle_timeout: float | None = 3600.0
     max_requests_per_connection: int = 0
     outlier_detection: OutlierDetection | None = None
+    # RING_HASH (ring_hash_lb_config: Envoy's defaults) and MAGLEV (maglev_lb_config)
+    ring_min_size: int = 1024
+    ring_max_size: int = 8 * 1024 * 1024
+    maglev_table_size: int = 65537
 
     @property
     def observability_name(self) -> str:

@@ -161,7 +161,9 @@ class UpstreamCluster:
         self._by_addr: dict[SocketAddress, Host] = {}
         self.active_connections = 0
         self._max_connections = config.default_thresholds.max_connections
-        self.lb: LoadBalancer[Host] = make_lb(config.lb_policy, [], rng)
+        self.lb: LoadBalancer[Host] = make_lb(
+            config.lb_policy, [], rng, ring_min=config.ring_min_size,
+            ring_max=config.ring_max_size, maglev_table=config.maglev_table_size)
         self._tasks: list[asyncio.Task[None]] = []
         if not self.dns:
             self._set_hosts([Host.of(ep) for ep in config.endpoints])
@@ -252,8 +254,10 @@ class UpstreamCluster:
 
     # ----------------------------------------------------------------------- choosing
 
-    def pick(self, restored_destination: SocketAddress | None) -> Host | None:
-        """The host for a new connection; None: no healthy upstream (``UH``)."""
+    def pick(self, restored_destination: SocketAddress | None, hash_key: int | None = None,
+             attempt: int = 0) -> Host | None:
+        """The host for a new connection; None: no healthy upstream (``UH``). ``hash_key``
+        and ``attempt``: for RING_HASH / MAGLEV (see :meth:`LoadBalancer.pick`)."""
         if self.original_dst:
             if restored_destination is None:
                 return None
@@ -265,7 +269,7 @@ class UpstreamCluster:
                 self._membership()
             host.used = True
             return host
-        return self.lb.pick()
+        return self.lb.pick(hash_key, attempt)
 
     # ----------------------------------------------------------------------- connecting
 

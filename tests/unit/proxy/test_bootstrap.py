@@ -56,8 +56,8 @@ def test_example_compiles_with_envoy_defaults() -> None:
     (lambda d: d["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
      ["typed_config"].__setitem__("access_log", []), None),  # empty repeated: not set
     (lambda d: d["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-     ["typed_config"].__setitem__("hash_policy", [{"source_ip": {}}]),
-     "filter_chains[0].filters[0].typed_config.hash_policy"),
+     ["typed_config"].__setitem__("hash_policy", [{"filter_state": {"key": "k"}}]),
+     "filter_chains[0].filters[0].typed_config.hash_policy[0].filter_state"),
     (lambda d: d["static_resources"]["listeners"][0].__setitem__("bogus", 1),
      "bogus"),
 ])
@@ -131,6 +131,35 @@ def test_cluster_http_options_and_outlier_detection() -> None:
     assert got.outlier_detection.base_ejection_time == 15.0
     assert got.outlier_detection.max_ejection_percent == 100
     assert got.outlier_detection.consecutive_gateway_failure == 5   # Envoy's default
+
+
+def test_consistent_hashing_clusters() -> None:
+    """DestinationRule consistentHash: RING_HASH (Envoy's ring sizes by default) and MAGLEV
+    (a prime table size); what is not implemented or out of Envoy's bounds is refused."""
+    def compiled(**fields: Any) -> Any:
+        data = copy.deepcopy(base())
+        c = data["static_resources"]["clusters"][0]
+        c.update(fields)
+        return compile_bootstrap(parse_bootstrap(data)).clusters[c["name"]]
+    ring = compiled(lb_policy="RING_HASH")
+    assert (ring.lb_policy, ring.ring_min_size, ring.ring_max_size) == (
+        "RING_HASH", 1024, 8388608)
+    ring = compiled(lb_policy="RING_HASH", ring_hash_lb_config={"minimum_ring_size": 64,
+                                                                 "maximum_ring_size": 128})
+    assert (ring.ring_min_size, ring.ring_max_size) == (64, 128)
+    maglev = compiled(lb_policy="MAGLEV", maglev_lb_config={"table_size": 251})
+    assert (maglev.lb_policy, maglev.maglev_table_size) == ("MAGLEV", 251)
+    for fields, needle in [
+            ({"lb_policy": "RING_HASH", "ring_hash_lb_config": {"hash_function":
+                                                                "MURMUR_HASH_2"}},
+             "only XX_HASH"),
+            ({"lb_policy": "RING_HASH", "ring_hash_lb_config": {"minimum_ring_size": 200,
+                                                                "maximum_ring_size": 100}},
+             "minimum_ring_size <= maximum_ring_size"),
+            ({"lb_policy": "MAGLEV", "maglev_lb_config": {"table_size": 65536}},
+             "not a prime")]:
+        with pytest.raises(BadInput, match=needle):
+            compiled(**fields)
 
 
 def test_cluster_protocol_options_fields_are_checked() -> None:

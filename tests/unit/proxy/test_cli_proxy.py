@@ -37,7 +37,9 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
 
 @pytest.mark.parametrize("text", ["static_resources: [", "admin: {bogus: 1}\n",
                                   "static_resources: {clusters: [{name: c, type: STATIC, "
-                                  "lb_policy: MAGLEV}]}\n"])
+                                  "lb_policy: LOAD_BALANCING_POLICY_CONFIG}]}\n",
+                                  "static_resources: {clusters: [{name: c, type: STATIC, "
+                                  "lb_policy: MAGLEV, maglev_lb_config: {table_size: 65536}}]}\n"])
 def test_bad_bootstrap_is_one_line_exit_1(text: str, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "b.yaml"

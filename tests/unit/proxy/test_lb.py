@@ -5,12 +5,15 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
 from remora.proxy.lb import (
     LeastRequest,
+    Maglev,
     RandomLb,
+    RingHash,
     RoundRobin,
     hosts_to_use,
     make_lb,
@@ -24,6 +27,10 @@ class H:
     weight: int = 1
     healthy: bool = True
     active_requests: int = 0
+
+    @property
+    def address_text(self) -> str:
+        return self.name
 
     def __repr__(self) -> str:
         return self.name
@@ -147,3 +154,87 @@ def test_pick_weighted() -> None:
     got = Counter(pick_weighted([1, 0, 3], rng) for _ in range(4000))
     assert set(got) == {0, 2}
     assert 850 < got[0] < 1150
+
+
+# ============================================================================ consistent hashing
+
+
+@dataclass(eq=False)
+class A:
+    """A host with an address, the hashing balancers' key."""
+
+    address_text: str
+    weight: int = 1
+    healthy: bool = True
+    active_requests: int = 0
+
+    def __repr__(self) -> str:
+        return self.address_text
+
+
+def _hosts(n: int) -> list[A]:
+    return [A(f"10.1.0.{i}:8080") for i in range(1, n + 1)]
+
+
+@pytest.mark.parametrize("make", [lambda hs: RingHash(hs, random.Random(1)),
+                                  lambda hs: Maglev(hs, random.Random(1), table_size=65537)])
+def test_hash_balancers_are_consistent_and_spread(make: Any) -> None:
+    hosts = _hosts(4)
+    lb = make(hosts)
+    keys = [random.Random(k).getrandbits(64) for k in range(4000)]
+    first = [lb.pick(k) for k in keys]
+    assert [lb.pick(k) for k in keys] == first                  # same hash, same host
+    share = Counter(h.address_text for h in first)
+    assert len(share) == 4 and min(share.values()) > 4000 / 4 * 0.75, share
+    # a second balancer over the same hosts (another worker, another process) agrees
+    other = make(list(hosts))
+    assert [other.pick(k) for k in keys] == first
+    # one host leaves: most keys stay where they were (not all: the ring is rescaled to its
+    # minimum size over the remaining hosts, 342 points each instead of 256, as in Envoy)
+    gone = hosts[1]
+    lb.update([h for h in hosts if h is not gone])
+    after = [lb.pick(k) for k in keys]
+    kept = [a is b for a, b in zip(first, after, strict=True) if b is not gone and a is not gone]
+    assert gone not in after
+    assert sum(kept) / len(kept) > 0.8, sum(kept) / len(kept)
+
+
+def test_ring_size_and_weights() -> None:
+    hosts = _hosts(3)
+    assert RingHash(hosts, random.Random(1)).ring_size == 3 * 342      # ceil(1024 / 3) each
+    assert RingHash(hosts, random.Random(1), min_size=8, max_size=16).ring_size == 9
+    heavy = [A("10.2.0.1:80", weight=1), A("10.2.0.2:80", weight=3)]
+    lb = RingHash(heavy, random.Random(1))
+    assert lb.ring_size == 1024                                         # 256 + 768 points
+    got = Counter(lb.pick(random.Random(k).getrandbits(64)).address_text  # type: ignore[union-attr]
+                  for k in range(8000))
+    assert 0.18 < got["10.2.0.1:80"] / 8000 < 0.32, got
+
+
+def test_maglev_table_is_full_and_weighted() -> None:
+    lb = Maglev(_hosts(3), random.Random(1), table_size=31)
+    assert sorted(lb.slot_counts()) == [10, 10, 11]                    # equal turns
+    heavy = [A("10.2.0.1:80", weight=1), A("10.2.0.2:80", weight=2)]
+    counts = Maglev(heavy, random.Random(1), table_size=65537).slot_counts()
+    assert sum(counts) == 65537 and abs(counts[1] / counts[0] - 2) < 0.01, counts
+
+
+@pytest.mark.parametrize("cls", [RingHash, Maglev])
+def test_hash_balancers_retry_elsewhere_and_pick_at_random_without_a_hash(cls: Any) -> None:
+    hosts = _hosts(3)
+    lb = cls(hosts, random.Random(5))
+    moved = sum(lb.pick(k, 1) is not lb.pick(k) for k in range(0, 2**64 - 1, 2**54))
+    assert moved > 300                       # attempt 1 goes elsewhere for most keys (of 1024)
+    assert {lb.pick() for _ in range(200)} == set(hosts)
+    sick = A("10.1.0.9:8080", healthy=False)
+    lb.update([*hosts, sick])                # 3 of 4 healthy: no panic, the sick one unused
+    assert {lb.pick(k) for k in range(0, 2**64 - 1, 2**54)} == set(hosts)
+    lb.update([])
+    assert lb.pick(12345) is None
+
+
+def test_make_lb_hashing_policies() -> None:
+    ring = make_lb("RING_HASH", _hosts(2), random.Random(0), ring_min=64, ring_max=64)
+    assert isinstance(ring, RingHash) and ring.ring_size == 64
+    maglev = make_lb("MAGLEV", _hosts(2), random.Random(0), maglev_table=7)
+    assert isinstance(maglev, Maglev) and sum(maglev.slot_counts()) == 7
