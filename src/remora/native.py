@@ -26,6 +26,7 @@ MODULES: tuple[str, ...] = (
     "remora.proxy.http.hpack_codec",
     "remora.proxy.http.h2codec",
     "remora.proxy.http.h1",
+    "remora.proxy.http.hashing",
     "remora.proxy.http.routes",
     "remora.proxy.http.pool",
     "remora.proxy.http.accesslog",

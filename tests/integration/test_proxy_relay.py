@@ -901,3 +901,33 @@ def test_shutdown_waits_for_the_drain_time_then_closes(run: Callable[..., None])
             await task
             wr.close()
     run(main())
+
+
+@pytest.mark.parametrize("policy", ["RING_HASH", "MAGLEV"])
+def test_source_ip_hash_policy_keeps_each_client_ip_on_one_host(
+        run: Callable[..., None], policy: str) -> None:
+    """Istio's consistentHash useSourceIp for a TCP service: tcp_proxy ``hash_policy``
+    source_ip over a RING_HASH / MAGLEV cluster. Every connection from one client IP reaches
+    the same upstream; different IPs spread over the upstreams."""
+    def named(tag: bytes) -> Handler:
+        async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(tag)
+            await w.drain()
+        return handler
+
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            ports = [await stack.enter_async_context(upstream(named(b"%d" % i)))
+                     for i in range(4)]
+            w = await stack.enter_async_context(proxy(snapshot(
+                [listener(tcp_chain("c", hash_policy=[{"source_ip": {}}]))],
+                [cluster("c", *ports, lb_policy=policy)])))
+            hosts: dict[str, set[bytes]] = {}
+            for _ in range(3):
+                for ip in [f"127.0.0.{i}" for i in range(2, 12)]:
+                    r, wr = await asyncio.open_connection(LO, port(w), local_addr=(ip, 0))
+                    hosts.setdefault(ip, set()).add(await r.readexactly(1))
+                    wr.close()
+            assert all(len(got) == 1 for got in hosts.values()), hosts
+            assert len(set().union(*hosts.values())) >= 2, hosts
+    run(main())

@@ -53,6 +53,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
+import xxhash
+
 from remora.proxy import platform
 from remora.proxy.bpf import Pair, SockPairs
 from remora.proxy.lb import pick_weighted
@@ -229,8 +231,13 @@ class TcpProxyFilter:
         session = _Session(self, cluster, record, loop or asyncio.get_running_loop())
         attempts = 0
         upstream: asyncio.Transport | None = None
+        hash_key = None
+        remote = record.downstream_remote
+        if self.config.hash_source_ip and remote is not None:
+            # Envoy's tcp_proxy hash policy: xxHash64 of the downstream IP
+            hash_key = xxhash.xxh64_intdigest(remote.address.encode())
         while upstream is None:
-            host = cluster.pick(restored)
+            host = cluster.pick(restored, hash_key)
             if host is None:
                 st.inc(cluster.stat("upstream_cx_none_healthy"))
                 record.flags.add("UH")

@@ -33,7 +33,7 @@ from typing import Any, Final
 
 from mypy_extensions import mypyc_attr
 
-from remora.proxy.http import accesslog, cors, telemetry, tracing
+from remora.proxy.http import accesslog, cors, hashing, telemetry, tracing
 from remora.proxy.http import routes as rt
 from remora.proxy.http.grpcstats import GrpcStream
 from remora.proxy.http.h1 import H1ServerCodec
@@ -994,6 +994,7 @@ class _Stream:
         self.weight: rt.ClusterWeight | None = None
         self.router_config = self.hcm.config.router
         self.cluster: UpstreamCluster | None = None
+        self.set_cookie = ""                 # a hash policy's generated cookie, for the response
         self.request_done: asyncio.Future[None] | None = None   # set for mirrors
         self._request_timer: asyncio.TimerHandle | None = None
         self._duration_timer: asyncio.TimerHandle | None = None
@@ -1452,6 +1453,8 @@ class _Stream:
                                       request=self.head, cluster=self.weight)
         if self.info.response_code_details == "via_upstream":
             self.hcm.upstream_response(self, head)
+            if self.set_cookie:
+                h.add("set-cookie", self.set_cookie)
         if self.cors is not None:
             self.cors.response_headers(h)
         span = self.span
@@ -1723,6 +1726,13 @@ class _Router:
         self.retries_left = self.policy.num_retries if self.policy is not None else 0
         self.tried: list[Host] = []
         self.loop = stream.conn.loop
+        self.hash_key: int | None = None     # for RING_HASH / MAGLEV clusters
+        if action.hash_policy:
+            conn = stream.conn
+            remote = conn.record.downstream_remote
+            self.hash_key, stream.set_cookie = hashing.request_hash(
+                action.hash_policy, stream.head, remote.address if remote is not None else "",
+                conn.remote_text + conn.local_text)
 
     def _protocol(self) -> str:
         p = self.cluster.config.http_protocol
@@ -1826,9 +1836,9 @@ class _Router:
         attempts = (policy.host_selection_retry_max_attempts
                     if policy is not None and policy.previous_hosts else 1)
         host = None
-        for _ in range(max(1, attempts)):
+        for i in range(max(1, attempts)):
             host = self.cluster.pick(self.s.conn.record.downstream_local
-                                     if self.cluster.original_dst else None)
+                                     if self.cluster.original_dst else None, self.hash_key, i)
             if host is None or host not in self.tried:
                 return host
         return host

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple
 
+from remora.proxy.http.hashing import HashPolicy
 from remora.proxy.http.tracing import RouteTracing, TracingConfig
 from remora.proxy.http.types import HeaderMap, RequestHead, ResponseHead
 
@@ -537,7 +538,7 @@ class RouteAction:
     the ``grpc-timeout`` header is not used for the stream duration (0: used uncapped);
     ``max_grpc_timeout`` is the deprecated router-timeout variant of the same idea.
     ``retry_policy`` None falls back to the virtual host's (:func:`effective_retry_policy`).
-    ``hash_policy`` is kept as proto-JSON for the ring-hash / maglev balancers."""
+    ``hash_policy``: the request's hash for RING_HASH / MAGLEV clusters (:mod:`hashing`)."""
 
     cluster: str = ""
     cluster_header: str = ""
@@ -560,7 +561,7 @@ class RouteAction:
     max_grpc_timeout: float | None = None
     grpc_timeout_offset: float = 0.0
     upgrade_configs: tuple[UpgradeConfig, ...] = ()
-    hash_policy: tuple[dict[str, Any], ...] = ()
+    hash_policy: tuple[HashPolicy, ...] = ()
 
     @property
     def uses_stream_duration(self) -> bool:

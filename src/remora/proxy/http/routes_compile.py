@@ -42,6 +42,7 @@ from xds.type.v3 import typed_struct_pb2 as xds_typed_struct_pb2  # noqa: F401
 from remora.errors import BadInput
 from remora.proxy.http import routes as rt
 from remora.proxy.http.accesslog import compile_access_logs
+from remora.proxy.http.hashing import HashPolicy
 from remora.proxy.http.telemetry import compile_plugin_config
 from remora.proxy.http.tracing import compile_route_tracing, compile_tracing
 from remora.proxy.protocheck import ANY_FIELDS, check_fields
@@ -137,7 +138,13 @@ HTTP_SUPPORTED: dict[str, str | frozenset[str]] = {
         "host_rewrite_header", "append_x_forwarded_host", "timeout", "idle_timeout",
         "retry_policy", "request_mirror_policies", "hash_policy", "max_grpc_timeout",
         "grpc_timeout_offset", "upgrade_configs", "max_stream_duration"}),
-    f"{_RA}.HashPolicy": ANY_FIELDS,      # kept as data for the hashing balancers
+    f"{_RA}.HashPolicy": frozenset({"header", "cookie", "connection_properties",
+                                    "query_parameter", "terminal"}),
+    f"{_RA}.HashPolicy.Header": frozenset({"header_name"}),
+    f"{_RA}.HashPolicy.Cookie": frozenset({"name", "ttl", "path", "attributes"}),
+    f"{_RA}.HashPolicy.CookieAttribute": frozenset({"name", "value"}),
+    f"{_RA}.HashPolicy.ConnectionProperties": frozenset({"source_ip"}),
+    f"{_RA}.HashPolicy.QueryParameter": frozenset({"name"}),
     f"{_RA}.RequestMirrorPolicy": frozenset({"cluster", "cluster_header", "runtime_fraction",
                                              "trace_sampled"}),
     f"{_RA}.MaxStreamDuration": frozenset({"max_stream_duration", "grpc_timeout_header_max",
@@ -440,6 +447,30 @@ def _mirrors(msgs: Iterable[Message], path: str) -> tuple[rt.RequestMirrorPolicy
     return tuple(out)
 
 
+def _hash_policy(m: Message, path: str) -> HashPolicy:
+    kind = m.WhichOneof("policy_specifier")
+    if kind == "header":
+        if not m.header.header_name:
+            raise BadInput(f"{path}.header.header_name is required")
+        return HashPolicy("header", m.header.header_name.lower(), m.terminal)
+    if kind == "cookie":
+        c = m.cookie
+        if not c.name:
+            raise BadInput(f"{path}.cookie.name is required")
+        return HashPolicy("cookie", c.name, m.terminal,
+                          ttl=_seconds(c.ttl) if c.HasField("ttl") else None, path=c.path,
+                          attributes=tuple((a.name, a.value) for a in c.attributes))
+    if kind == "connection_properties":
+        return HashPolicy("source_ip" if m.connection_properties.source_ip else "none",
+                          terminal=m.terminal)
+    if kind == "query_parameter":
+        if not m.query_parameter.name:
+            raise BadInput(f"{path}.query_parameter.name is required")
+        return HashPolicy("query_parameter", m.query_parameter.name, m.terminal)
+    raise BadInput(f"unsupported {path}: only header, cookie, connection_properties and "
+                   "query_parameter hash policies are implemented")
+
+
 # ----------------------------------------------------------------------------- fault
 
 
@@ -627,8 +658,8 @@ def _route_action(msg: Message, path: str, *, route_match: rt.RouteMatch) -> rt.
             rt.UpgradeConfig(upgrade_type=u.upgrade_type.lower(),
                              enabled=_wrapped(u, "enabled", True))
             for u in msg.upgrade_configs),
-        hash_policy=tuple(json_format.MessageToDict(h, preserving_proto_field_name=True)
-                          for h in msg.hash_policy),
+        hash_policy=tuple(_hash_policy(h, f"{path}.hash_policy[{i}]")
+                          for i, h in enumerate(msg.hash_policy)),
     )
 
 

@@ -2319,3 +2319,49 @@ async def test_client_gone_with_requests_still_queued_ends_every_one() -> None:
     assert len(env.servers[A].requests) == 1
     assert env.stats.gauges[f"http.{env.config.stat_prefix}.downstream_rq_active"] == 0
     await env.close()
+
+
+# ============================================================================ consistent hashing
+
+
+@run
+async def test_ring_hash_cluster_sticks_by_header_and_by_generated_cookie() -> None:
+    """A DestinationRule's consistentHash as Istio writes it: a RING_HASH cluster and the
+    route's ``hash_policy``. The same ``x-user`` always reaches the same endpoint; a client
+    without the cookie is given one (``Set-Cookie``) and, sending it back, sticks to the
+    endpoint its first request went to, from any connection."""
+    hosts = tuple(f"10.3.0.{i}:8080" for i in range(1, 6))
+    env = make_env(hosts=hosts, cluster_kw={"lb_policy": "RING_HASH"}, routes=[
+        route(SVC, prefix="/user", name="user",
+              hash_policy=[{"header": {"header_name": "x-user"}}]),
+        route(SVC, hash_policy=[{"cookie": {"name": "sticky", "ttl": "3600s", "path": "/"}}])])
+    seen = 0
+
+    async def upstream_of(c: Any, path: str, headers: list[tuple[str, str]]) -> tuple[str, Any]:
+        nonlocal seen
+        r = await c.request(path=path, headers=headers)
+        assert r.status == 200
+        seen += 1
+        return (await env.info(seen)).upstream_host, r
+
+    c = env.client()
+    by_user: dict[str, set[str]] = {}
+    for user in [f"user{i}" for i in range(8)] * 3:
+        by_user.setdefault(user, set()).add((await upstream_of(c, "/user", [("x-user", user)]))[0])
+    assert all(len(v) == 1 for v in by_user.values()), by_user
+    assert len(set().union(*by_user.values())) >= 3          # different users, different hosts
+
+    first, r = await upstream_of(c, "/", [])
+    cookie = r.get("set-cookie")
+    assert cookie is not None and cookie.startswith('sticky="') \
+        and cookie.endswith('"; Max-Age=3600; Path=/; HttpOnly'), cookie
+    value = cookie.split(";", 1)[0]
+    for remote in ("10.0.0.6", "10.0.0.7", "10.0.0.8"):
+        other = env.client(remote=remote)
+        host, r = await upstream_of(other, "/", [("cookie", value)])
+        assert host == first and r.get("set-cookie") is None
+    # clients that bring no cookie get their own, and spread over the endpoints
+    given = {(await upstream_of(env.client(remote=f"10.0.1.{i}"), "/", []))[1].get("set-cookie")
+             for i in range(6)}
+    assert len(given) == 6
+    await env.close()

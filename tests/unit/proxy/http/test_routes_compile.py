@@ -14,6 +14,7 @@ import yaml
 
 from remora.errors import BadInput
 from remora.proxy.http import routes as rt
+from remora.proxy.http.hashing import HashPolicy
 from remora.proxy.http.routes_compile import compile_hcm_dict
 from remora.proxy.http.types import HeaderMap, RequestHead
 
@@ -504,7 +505,7 @@ def test_actions_compile(tmp_path: Path) -> None:
     assert (a.host_rewrite_literal, a.idle_timeout, a.timeout) == ("up.host", 30.0, 2.5)
     assert a.request_mirror_policies == (rt.RequestMirrorPolicy(
         cluster="shadow", fraction=rt.FractionalPercent(numerator=10)),)
-    assert a.hash_policy == ({"header": {"header_name": "x-user"}},)
+    assert a.hash_policy == (HashPolicy("header", "x-user"),)
     assert a.upgrade_configs == (rt.UpgradeConfig(upgrade_type="websocket", enabled=False),)
     pol = a.retry_policy
     assert pol is not None and pol.retriable_status_codes == {503}
@@ -749,3 +750,27 @@ def test_missing_route_specifier_and_parse_errors() -> None:
         compile_hcm_dict({"stat_prefix": "s"}, "hcm")
     with pytest.raises(BadInput, match=r"^hcm: .*no_such_field"):
         compile_hcm_dict({"stat_prefix": "s", "no_such_field": 1}, "hcm")
+
+
+def test_hash_policies_compile_and_unsupported_ones_are_refused() -> None:
+    r = compiled_route({"match": {"prefix": "/"}, "route": {"cluster": "c", "hash_policy": [
+        {"header": {"header_name": "X-User"}, "terminal": True},
+        {"cookie": {"name": "sid", "ttl": "60s", "path": "/a",
+                    "attributes": [{"name": "SameSite", "value": "Lax"}]}},
+        {"connection_properties": {"source_ip": True}},
+        {"query_parameter": {"name": "u"}}]}})
+    assert r.route is not None
+    assert r.route.hash_policy == (
+        HashPolicy("header", "x-user", terminal=True),
+        HashPolicy("cookie", "sid", ttl=60.0, path="/a", attributes=(("SameSite", "Lax"),)),
+        HashPolicy("source_ip"),
+        HashPolicy("query_parameter", "u"))
+    for policy, needle in [({"filter_state": {"key": "k"}}, "filter_state"),
+                           ({"header": {"header_name": "x", "regex_rewrite": {
+                               "pattern": {"regex": "a"}, "substitution": "b"}}},
+                            "unsupported field"),
+                           ({"cookie": {}}, "cookie.name is required")]:
+        with pytest.raises(BadInput, match=needle) as err:
+            compiled_route({"match": {"prefix": "/"},
+                            "route": {"cluster": "c", "hash_policy": [policy]}})
+        assert "hash_policy[0]" in str(err.value)
