@@ -159,21 +159,9 @@ def test_pick_weighted() -> None:
 # ============================================================================ consistent hashing
 
 
-@dataclass(eq=False)
-class A:
-    """A host with an address, the hashing balancers' key."""
-
-    address_text: str
-    weight: int = 1
-    healthy: bool = True
-    active_requests: int = 0
-
-    def __repr__(self) -> str:
-        return self.address_text
-
-
-def _hosts(n: int) -> list[A]:
-    return [A(f"10.1.0.{i}:8080") for i in range(1, n + 1)]
+def _hosts(n: int) -> list[H]:
+    """Hosts named by their addresses (the hashing balancers' key)."""
+    return [H(f"10.1.0.{i}:8080") for i in range(1, n + 1)]
 
 
 @pytest.mark.parametrize("make", [lambda hs: RingHash(hs, random.Random(1)),
@@ -184,7 +172,7 @@ def test_hash_balancers_are_consistent_and_spread(make: Any) -> None:
     keys = [random.Random(k).getrandbits(64) for k in range(4000)]
     first = [lb.pick(k) for k in keys]
     assert [lb.pick(k) for k in keys] == first                  # same hash, same host
-    share = Counter(h.address_text for h in first)
+    share = Counter(h.name for h in first)
     assert len(share) == 4 and min(share.values()) > 4000 / 4 * 0.75, share
     # a second balancer over the same hosts (another worker, another process) agrees
     other = make(list(hosts))
@@ -203,10 +191,10 @@ def test_ring_size_and_weights() -> None:
     hosts = _hosts(3)
     assert RingHash(hosts, random.Random(1)).ring_size == 3 * 342      # ceil(1024 / 3) each
     assert RingHash(hosts, random.Random(1), min_size=8, max_size=16).ring_size == 9
-    heavy = [A("10.2.0.1:80", weight=1), A("10.2.0.2:80", weight=3)]
+    heavy = [H("10.2.0.1:80", weight=1), H("10.2.0.2:80", weight=3)]
     lb = RingHash(heavy, random.Random(1))
     assert lb.ring_size == 1024                                         # 256 + 768 points
-    got = Counter(lb.pick(random.Random(k).getrandbits(64)).address_text  # type: ignore[union-attr]
+    got = Counter(lb.pick(random.Random(k).getrandbits(64)).name  # type: ignore[union-attr]
                   for k in range(8000))
     assert 0.18 < got["10.2.0.1:80"] / 8000 < 0.32, got
 
@@ -214,7 +202,7 @@ def test_ring_size_and_weights() -> None:
 def test_maglev_table_is_full_and_weighted() -> None:
     lb = Maglev(_hosts(3), random.Random(1), table_size=31)
     assert sorted(lb.slot_counts()) == [10, 10, 11]                    # equal turns
-    heavy = [A("10.2.0.1:80", weight=1), A("10.2.0.2:80", weight=2)]
+    heavy = [H("10.2.0.1:80", weight=1), H("10.2.0.2:80", weight=2)]
     counts = Maglev(heavy, random.Random(1), table_size=65537).slot_counts()
     assert sum(counts) == 65537 and abs(counts[1] / counts[0] - 2) < 0.01, counts
 
@@ -226,7 +214,7 @@ def test_hash_balancers_retry_elsewhere_and_pick_at_random_without_a_hash(cls: A
     moved = sum(lb.pick(k, 1) is not lb.pick(k) for k in range(0, 2**64 - 1, 2**54))
     assert moved > 300                       # attempt 1 goes elsewhere for most keys (of 1024)
     assert {lb.pick() for _ in range(200)} == set(hosts)
-    sick = A("10.1.0.9:8080", healthy=False)
+    sick = H("10.1.0.9:8080", healthy=False)
     lb.update([*hosts, sick])                # 3 of 4 healthy: no panic, the sick one unused
     assert {lb.pick(k) for k in range(0, 2**64 - 1, 2**54)} == set(hosts)
     lb.update([])
