@@ -25,9 +25,10 @@ Encoder choices (any are valid HPACK; these are what nghttp2, Envoy's codec, doe
 a field in the static or dynamic table is sent as an index; ``authorization``,
 ``proxy-authorization`` and cookies under 20 octets are never indexed (RFC 7541 §7.1.3, as
 ``h2``'s outbound normalisation marked them); other fields are added to the dynamic table
-unless larger than it; a string is Huffman-coded when that is shorter. A peer's smaller
-``SETTINGS_HEADER_TABLE_SIZE`` is acknowledged at the start of the next block with the
-smallest size it went through, then the final one (§4.2).
+unless larger than it; a string is Huffman-coded when that is shorter. The table is at most
+4 KiB whatever the peer allows; a peer's smaller ``SETTINGS_HEADER_TABLE_SIZE`` is acknowledged
+at the start of the next block with the smallest size it went through, then the final one
+(§4.2).
 """
 
 from __future__ import annotations
@@ -218,6 +219,10 @@ class Encoder:
     def header_table_size(self, value: int) -> None:
         if value < 0:
             raise InvalidTableSizeError(f"table size {value}")
+        # An encoder may use less than the peer allows (RFC 7541 §4.2); more than 4 KiB
+        # (nghttp2's deflater default) would let a peer make us keep up to 4 GiB of the fields
+        # we send on one connection.
+        value = min(value, DEFAULT_TABLE_SIZE)
         if value == self._max and self._update_final < 0:
             return
         self._update_min = value if self._update_min < 0 else min(self._update_min, value)

@@ -238,3 +238,16 @@ def test_any_bytes_decode_or_raise_an_hpack_error(blocks: list[bytes]) -> None:
             continue
         assert all(type(n) is bytes and type(v) is bytes for n, v in fields)
         assert dec._size <= dec.header_table_size
+
+
+def test_a_peer_cannot_make_the_encoder_table_larger_than_4k() -> None:
+    """SETTINGS_HEADER_TABLE_SIZE is a limit, not a demand: we keep 4 KiB at most, so a peer
+    allowing 4 GiB cannot make us hold every field we ever send."""
+    enc, dec = Encoder(), hpack.Decoder()
+    dec.max_allowed_table_size = 2**32 - 1
+    enc.header_table_size = 2**32 - 1
+    assert enc.header_table_size == 4096
+    for i in range(2000):
+        fields = [(b"x-request-id", b"%032d" % i)]
+        assert [tuple(h) for h in dec.decode(enc.encode(fields), raw=True)] == fields
+    assert enc._size <= 4096 and len(enc._names) < 100
