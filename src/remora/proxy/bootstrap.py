@@ -46,6 +46,9 @@ from xds.type.v3 import typed_struct_pb2 as xds_typed_struct_pb2  # noqa: F401
 
 from remora.errors import BadInput
 from remora.proxy.model import (
+    DEFAULT_MAGLEV_TABLE,
+    DEFAULT_RING_MAX,
+    DEFAULT_RING_MIN,
     Admin,
     Cluster,
     ClusterType,
@@ -382,7 +385,13 @@ _CLUSTER_TYPES: dict[int, ClusterType] = {
 _LB: dict[int, LbPolicy] = {
     C.ROUND_ROBIN: "ROUND_ROBIN", C.LEAST_REQUEST: "LEAST_REQUEST", C.RANDOM: "RANDOM",
     C.RING_HASH: "RING_HASH", C.MAGLEV: "MAGLEV", C.CLUSTER_PROVIDED: "CLUSTER_PROVIDED"}
-_MAX_RING: Final = 8 * 1024 * 1024      # Envoy's limit on either ring size
+_DNS_FAMILY: dict[int, DnsLookupFamily] = {
+    C.AUTO: "AUTO", C.V4_ONLY: "V4_ONLY", C.V6_ONLY: "V6_ONLY", C.V4_PREFERRED: "V4_PREFERRED",
+    C.ALL: "ALL"}
+_HEALTH: tuple[HealthStatus, ...] = (
+    "UNKNOWN", "HEALTHY", "UNHEALTHY", "DRAINING", "TIMEOUT", "DEGRADED")
+
+
 _MAX_MAGLEV_TABLE: Final = 5000011      # Envoy's limit on the table size (a prime)
 
 
@@ -402,28 +411,23 @@ def _hash_lb(msg: cluster_pb2.Cluster, path: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if msg.HasField("ring_hash_lb_config"):
         r = msg.ring_hash_lb_config
-        lo = r.minimum_ring_size.value if r.HasField("minimum_ring_size") else 1024
-        hi = r.maximum_ring_size.value if r.HasField("maximum_ring_size") else _MAX_RING
-        if not 1 <= lo <= hi <= _MAX_RING:
+        lo = r.minimum_ring_size.value if r.HasField("minimum_ring_size") else DEFAULT_RING_MIN
+        hi = r.maximum_ring_size.value if r.HasField("maximum_ring_size") else DEFAULT_RING_MAX
+        if not 1 <= lo <= hi <= DEFAULT_RING_MAX:
             raise BadInput(f"{path}.ring_hash_lb_config: need 1 <= minimum_ring_size <= "
-                           f"maximum_ring_size <= {_MAX_RING}, got {lo} and {hi}")
+                           f"maximum_ring_size <= {DEFAULT_RING_MAX}, got {lo} and {hi}")
         if r.hash_function != C.RingHashLbConfig.XX_HASH:
             raise BadInput(f"unsupported {path}.ring_hash_lb_config.hash_function: only "
                            "XX_HASH is implemented")
         out.update(ring_min_size=lo, ring_max_size=hi)
     if msg.HasField("maglev_lb_config"):
         m = msg.maglev_lb_config
-        size = m.table_size.value if m.HasField("table_size") else 65537
+        size = m.table_size.value if m.HasField("table_size") else DEFAULT_MAGLEV_TABLE
         if not _is_prime(size) or size > _MAX_MAGLEV_TABLE:
             raise BadInput(f"{path}.maglev_lb_config.table_size: {size} is not a prime up to "
                            f"{_MAX_MAGLEV_TABLE}")
         out["maglev_table_size"] = size
     return out
-_DNS_FAMILY: dict[int, DnsLookupFamily] = {
-    C.AUTO: "AUTO", C.V4_ONLY: "V4_ONLY", C.V6_ONLY: "V6_ONLY", C.V4_PREFERRED: "V4_PREFERRED",
-    C.ALL: "ALL"}
-_HEALTH: tuple[HealthStatus, ...] = (
-    "UNKNOWN", "HEALTHY", "UNHEALTHY", "DRAINING", "TIMEOUT", "DEGRADED")
 
 
 def _thresholds(msg: Message) -> Thresholds:

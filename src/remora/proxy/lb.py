@@ -30,14 +30,16 @@ from typing import Final, Generic, Protocol, TypeVar
 
 import xxhash
 
-from remora.proxy.model import LbPolicy
+from remora.proxy.model import (
+    DEFAULT_MAGLEV_TABLE,
+    DEFAULT_RING_MAX,
+    DEFAULT_RING_MIN,
+    LbPolicy,
+)
 
 DEFAULT_PANIC_THRESHOLD = 50.0   # percent (Envoy common_lb_config.healthy_panic_threshold)
 DEFAULT_CHOICE_COUNT = 2          # Envoy LeastRequestLbConfig.choice_count
 DEFAULT_ACTIVE_REQUEST_BIAS = 1.0  # Envoy LeastRequestLbConfig.active_request_bias
-DEFAULT_RING_MIN = 1024           # Envoy RingHashLbConfig.minimum_ring_size
-DEFAULT_RING_MAX = 8 * 1024 * 1024  # Envoy RingHashLbConfig.maximum_ring_size
-DEFAULT_MAGLEV_TABLE = 65537      # Envoy MaglevLbConfig.table_size
 _U64: Final = (1 << 64) - 1
 
 

@@ -235,6 +235,10 @@ class OutlierDetection:
 
 UpstreamHttpProtocol = Literal["HTTP1", "HTTP2", "DOWNSTREAM"]
 
+DEFAULT_RING_MIN = 1024                 # Envoy RingHashLbConfig.minimum_ring_size
+DEFAULT_RING_MAX = 8 * 1024 * 1024      # Envoy RingHashLbConfig.maximum_ring_size (and its cap)
+DEFAULT_MAGLEV_TABLE = 65537            # Envoy MaglevLbConfig.table_size
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Cluster:
@@ -260,9 +264,9 @@ class Cluster:
     max_requests_per_connection: int = 0
     outlier_detection: OutlierDetection | None = None
     # RING_HASH (ring_hash_lb_config: Envoy's defaults) and MAGLEV (maglev_lb_config)
-    ring_min_size: int = 1024
-    ring_max_size: int = 8 * 1024 * 1024
-    maglev_table_size: int = 65537
+    ring_min_size: int = DEFAULT_RING_MIN
+    ring_max_size: int = DEFAULT_RING_MAX
+    maglev_table_size: int = DEFAULT_MAGLEV_TABLE
 
     @property
     def observability_name(self) -> str:
