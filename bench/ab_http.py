@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -108,11 +107,11 @@ def load_argv(h2: bool, connections: int, seconds: float, url: str) -> list[str]
 
 def load_rps(h2: bool, out: str) -> float:
     if h2:
-        m = re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out)
-        bad = re.search(r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
-        if m is None or bad is None or any(int(x) for x in bad.groups()):
+        got = bh.parse_h2load(out)
+        if "rps" not in got or "failed" not in got or any(
+                got[k] for k in ("failed", "errored", "timeout")):
             sys.exit(f"ab_http: h2load failed:\n{out}")
-        return float(m.group(1))
+        return got["rps"]
     return float(next(ln for ln in out.splitlines() if ln.startswith("Requests/sec")).split()[1])
 
 

@@ -345,6 +345,25 @@ def remora_static_conf(log: Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- the bench
 
+def parse_h2load(text: str) -> dict[str, float]:
+    """h2load's summary: ``rps``, the request counts (``total`` … ``timeout``) and the status
+    classes (``2xx`` … ``5xx``); what it did not print is missing."""
+    got: dict[str, float] = {}
+    m = re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", text)
+    if m:
+        got["rps"] = float(m.group(1))
+    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                  r"(\d+) failed, (\d+) errored, (\d+) timeout", text)
+    if m:
+        got.update(zip(("total", "started", "done", "succeeded", "failed", "errored",
+                        "timeout"), (float(x) for x in m.groups()), strict=True))
+    m = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
+    if m:
+        got.update(zip(("2xx", "3xx", "4xx", "5xx"), (float(x) for x in m.groups()),
+                       strict=True))
+    return got
+
+
 @dataclass
 class Target:
     name: str
@@ -534,19 +553,7 @@ class Bench(l4.Bench):
         url = f"http://{t.h2[0]}:{t.h2[1]}/"
         out = run(in_ns(t.ns, ["h2load", *argv, url]), timeout=timeout, check=False)
         text = out.stdout + out.stderr
-        got: dict[str, float] = {}
-        m = re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", text)
-        if m:
-            got["rps"] = float(m.group(1))
-        m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
-                      r"(\d+) failed, (\d+) errored, (\d+) timeout", text)
-        if m:
-            got.update(zip(("total", "started", "done", "succeeded", "failed", "errored",
-                            "timeout"), (float(x) for x in m.groups()), strict=True))
-        m = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", text)
-        if m:
-            got.update(zip(("2xx", "3xx", "4xx", "5xx"), (float(x) for x in m.groups()),
-                           strict=True))
+        got = parse_h2load(text)
         if "rps" not in got or "2xx" not in got:
             t.notes.append(f"h2load: no result: {text.strip()[-300:]}")
         return got
