@@ -180,14 +180,19 @@ def _put_int(out: bytearray, first: int, prefix: int, value: int) -> None:
     out.append(value)
 
 
+def _put_plain(out: bytearray, data: bytes) -> None:
+    _put_int(out, 0, 7, len(data))
+    out += data
+
+
 def _put_str(out: bytearray, data: bytes) -> None:
+    """``data`` Huffman-coded when that is shorter, else as it is."""
     hlen = huffman_encoded_length(data)
     if hlen < len(data):
         _put_int(out, 0x80, 7, hlen)
         out += huffman_encode(data)
     else:
-        _put_int(out, 0, 7, len(data))
-        out += data
+        _put_plain(out, data)
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -303,11 +308,6 @@ class Encoder:
             if first == 0x40:
                 self._add(name, value)
         return bytes(out)
-
-
-def _put_plain(out: bytearray, data: bytes) -> None:
-    _put_int(out, 0, 7, len(data))
-    out += data
 
 
 # ----------------------------------------------------------------------------- decoder
