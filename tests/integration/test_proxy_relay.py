@@ -931,3 +931,42 @@ def test_source_ip_hash_policy_keeps_each_client_ip_on_one_host(
             assert all(len(got) == 1 for got in hosts.values()), hosts
             assert len(set().union(*hosts.values())) >= 2, hosts
     run(main())
+
+
+def test_priority_levels_keep_connections_on_the_first_healthy_level(
+        run: Callable[..., None]) -> None:
+    """Istio's locality failover as Envoy gets it: localities at priorities. Every connection
+    goes to P0 while it is healthy; with P0's only endpoint unhealthy (EDS health), to P1,
+    never to P2."""
+    def named(tag: bytes) -> Handler:
+        async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(tag)
+            await w.drain()
+        return handler
+
+    def levels(name: str, ports: list[int], health: list[str]) -> dict[str, Any]:
+        return {"name": name, "connect_timeout": "2s", "load_assignment": {
+            "cluster_name": name, "endpoints": [
+                {"priority": i, "locality": {"zone": f"z{i}"}, "lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": LO,
+                                                                 "port_value": p}}},
+                     "health_status": h}]}
+                for i, (p, h) in enumerate(zip(ports, health, strict=True))]}}
+
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            ports = [await stack.enter_async_context(upstream(named(b"%d" % i)))
+                     for i in range(3)]
+            w = await stack.enter_async_context(proxy(snapshot(
+                [listener(tcp_chain("local"), name="local"),
+                 listener(tcp_chain("failover"), name="failover")],
+                [levels("local", ports, ["HEALTHY"] * 3),
+                 levels("failover", ports, ["UNHEALTHY", "HEALTHY", "HEALTHY"])])))
+            for name, want in (("local", b"0"), ("failover", b"1")):
+                got = set()
+                for _ in range(12):
+                    r, wr = await asyncio.open_connection(LO, port(w, name))
+                    got.add(await r.readexactly(1))
+                    wr.close()
+                assert got == {want}, (name, got)
+    run(main())

@@ -456,7 +456,7 @@ def _load_assignment_json(c: Cluster, hosts: Sequence[LbEndpoint]) -> dict[str, 
         endpoints.append(group)
     if endpoints:
         out["endpoints"] = endpoints
-    out["policy"] = {"overprovisioning_factor": 140}
+    out["policy"] = {"overprovisioning_factor": c.overprovisioning_factor}
     return out
 
 

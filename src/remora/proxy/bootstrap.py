@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import math
 from collections.abc import Iterable
 from typing import Any, Final
 
@@ -119,7 +120,9 @@ SUPPORTED: dict[str, str | frozenset[str]] = {
         "upstream_bind_config", "circuit_breakers", "alt_stat_name", "eds_cluster_config",
         "cleanup_interval", "dns_refresh_rate", "dns_lookup_family",
         "typed_extension_protocol_options", "outlier_detection", "ring_hash_lb_config",
-        "maglev_lb_config"}),
+        "maglev_lb_config", "common_lb_config"}),
+    "envoy.config.cluster.v3.Cluster.CommonLbConfig": frozenset({"healthy_panic_threshold"}),
+    "envoy.type.v3.Percent": frozenset({"value"}),
     "envoy.config.cluster.v3.Cluster.RingHashLbConfig": frozenset({
         "minimum_ring_size", "maximum_ring_size", "hash_function"}),
     "envoy.config.cluster.v3.Cluster.MaglevLbConfig": frozenset({"table_size"}),
@@ -149,7 +152,9 @@ SUPPORTED: dict[str, str | frozenset[str]] = {
         "priority", "max_connections", "max_pending_requests", "max_requests", "max_retries",
         "track_remaining"}),
     "envoy.config.endpoint.v3.ClusterLoadAssignment": frozenset({"cluster_name",
-                                                                 "endpoints"}),
+                                                                 "endpoints", "policy"}),
+    "envoy.config.endpoint.v3.ClusterLoadAssignment.Policy": frozenset({
+        "overprovisioning_factor"}),
     "envoy.config.endpoint.v3.LocalityLbEndpoints": frozenset({
         "locality", "lb_endpoints", "load_balancing_weight", "priority"}),
     "envoy.config.core.v3.Locality": frozenset({"region", "zone", "sub_zone"}),
@@ -392,6 +397,7 @@ _HEALTH: tuple[HealthStatus, ...] = (
     "UNKNOWN", "HEALTHY", "UNHEALTHY", "DRAINING", "TIMEOUT", "DEGRADED")
 
 
+_MAX_PRIORITY: Final = 128              # Envoy's LocalityLbEndpoints.priority limit
 _MAX_MAGLEV_TABLE: Final = 5000011      # Envoy's limit on the table size (a prime)
 
 
@@ -404,6 +410,27 @@ def _is_prime(n: int) -> bool:
             return False
         i += 1
     return True
+
+
+def _priority_lb(msg: cluster_pb2.Cluster, path: str) -> dict[str, Any]:
+    """``common_lb_config.healthy_panic_threshold`` (a percent, rounded to a whole one as
+    Envoy does) and ``load_assignment.policy.overprovisioning_factor`` → the model's."""
+    out: dict[str, Any] = {}
+    common = msg.common_lb_config
+    if common.HasField("healthy_panic_threshold"):
+        value = common.healthy_panic_threshold.value
+        if not 0.0 <= value <= 100.0:
+            raise BadInput(f"{path}.common_lb_config.healthy_panic_threshold: need a percent "
+                           f"from 0 to 100, got {value:g}")
+        out["healthy_panic_threshold"] = float(math.floor(value + 0.5))
+    policy = msg.load_assignment.policy
+    if policy.HasField("overprovisioning_factor"):
+        factor = policy.overprovisioning_factor.value
+        if factor < 1:
+            raise BadInput(f"{path}.load_assignment.policy.overprovisioning_factor: must be "
+                           "above 0")
+        out["overprovisioning_factor"] = factor
+    return out
 
 
 def _hash_lb(msg: cluster_pb2.Cluster, path: str) -> dict[str, Any]:
@@ -507,7 +534,10 @@ def _cluster(msg: cluster_pb2.Cluster, path: str) -> Cluster:
         raise BadInput(f"{path}: ORIGINAL_DST clusters need lb_policy CLUSTER_PROVIDED "
                        "(and only they may use it)")
     endpoints = []
-    for locality in msg.load_assignment.endpoints:
+    for i, locality in enumerate(msg.load_assignment.endpoints):
+        if locality.priority > _MAX_PRIORITY:
+            raise BadInput(f"{path}.load_assignment.endpoints[{i}].priority: at most "
+                           f"{_MAX_PRIORITY}, got {locality.priority}")
         loc = Locality(region=locality.locality.region, zone=locality.locality.zone,
                        sub_zone=locality.locality.sub_zone)
         for ep in locality.lb_endpoints:
@@ -548,6 +578,7 @@ def _cluster(msg: cluster_pb2.Cluster, path: str) -> Cluster:
         if msg.HasField("outlier_detection") else None,
         **_http_options(msg, path),
         **_hash_lb(msg, path),
+        **_priority_lb(msg, path),
     )
 
 

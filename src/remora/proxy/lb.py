@@ -5,18 +5,21 @@ LEAST_REQUEST (power of two choices on active requests when all weights are equa
 with weights divided by ``active + 1``), RANDOM (uniform, weights ignored), the consistent
 hashing balancers RING_HASH (a ketama ring of xxHash64 points, ``<address>_<i>``, as many per
 host as its share of ``minimum_ring_size``) and MAGLEV (the Maglev paper's lookup table, with
-Envoy's weighted fill), which pick by the request's hash (:mod:`remora.proxy.http.hashing`),
-the choice of the hosts to balance over (healthy ones; all of them in "panic" when fewer
-than the panic threshold, 50 %, are healthy), and weighted choice among clusters.
+Envoy's weighted fill), which pick by the request's hash (:mod:`remora.proxy.http.hashing`);
+priority levels (:class:`PriorityLb`: each level's health with the overprovisioning factor,
+the load spread over the levels, failover, and each level's "panic", when too few of its hosts
+are healthy and all of them are used); and weighted choice among clusters.
 Must not: know about sockets, clusters' configs or stats; randomness comes from an injected
 ``random.Random`` so tests are repeatable and workers differ.
 
-References: Envoy docs ``arch_overview/upstream/load_balancing/load_balancers.rst`` and
-``panic_threshold.rst``; ``source/common/upstream/load_balancer_impl.cc`` (behaviour, not code).
-``ring_hash_lb.cc`` and ``maglev_lb.cc`` for the two tables and what a retry (``attempt``)
-does to the choice. Simplifications: one priority level (hosts of every priority are balanced
-together), no locality weighting, no slow start; RING_HASH hashes with XX_HASH only (MURMUR_HASH_2
-is refused at start-up) and keys hosts by address (not ``use_hostname_for_hashing``).
+References: Envoy docs ``arch_overview/upstream/load_balancing/load_balancers.rst``,
+``priority.rst``, ``overprovisioning.rst`` and ``panic_threshold.rst``;
+``source/common/upstream/load_balancer_impl.cc`` (behaviour, not code). ``ring_hash_lb.cc`` and
+``maglev_lb.cc`` for the two tables and what a retry (``attempt``) does to the choice.
+Simplifications: degraded hosts count as healthy (Envoy gives them load only when the healthy
+ones cannot take it all), no locality weighting, no slow start; RING_HASH hashes with XX_HASH
+only (MURMUR_HASH_2 is refused at start-up) and keys hosts by address (not
+``use_hostname_for_hashing``).
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ import xxhash
 
 from remora.proxy.model import (
     DEFAULT_MAGLEV_TABLE,
+    DEFAULT_OVERPROVISIONING,
+    DEFAULT_PANIC_THRESHOLD,
     DEFAULT_RING_MAX,
     DEFAULT_RING_MIN,
     LbPolicy,
 )
 
-DEFAULT_PANIC_THRESHOLD = 50.0   # percent (Envoy common_lb_config.healthy_panic_threshold)
 DEFAULT_CHOICE_COUNT = 2          # Envoy LeastRequestLbConfig.choice_count
 DEFAULT_ACTIVE_REQUEST_BIAS = 1.0  # Envoy LeastRequestLbConfig.active_request_bias
 _U64: Final = (1 << 64) - 1
@@ -54,6 +58,9 @@ class LbHost(Protocol):
 
     @property
     def active_requests(self) -> int: ...
+
+    @property
+    def priority(self) -> int: ...
 
     @property
     def address_text(self) -> str:
@@ -117,6 +124,11 @@ class LoadBalancer(Generic[H]):
 
     def update(self, hosts: Sequence[H]) -> None:
         self._hosts, self.panic = hosts_to_use(hosts, self.panic_threshold)
+        self._rebuild()
+
+    def assign(self, hosts: Sequence[H], panic: bool) -> None:
+        """Balance over exactly ``hosts`` (the caller has decided on panic: a priority level)."""
+        self._hosts, self.panic = list(hosts), panic
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -320,20 +332,144 @@ class Maglev(LoadBalancer[H]):
         return self._hosts[self._slots[h % self.table_size]]
 
 
+def priority_loads(levels: Sequence[Sequence[LbHost]],
+                   overprovisioning: int = DEFAULT_OVERPROVISIONING,
+                   panic_threshold: float = DEFAULT_PANIC_THRESHOLD,
+                   ) -> tuple[list[int], list[bool]]:
+    """Envoy's share of the traffic (whole percents adding up to 100) and panic flag for each
+    priority level (index = priority; a level may be empty).
+
+    A level's health is ``min(100, overprovisioning * healthy // hosts)`` (140 %: a level
+    with at least 71.5 % of its hosts healthy takes all it is given); the levels' healths,
+    summed and capped at 100, are the normalized total health (NTH). Each level in turn takes
+    ``health * 100 // NTH`` of what is left; the rounding remainder goes to the first level
+    with health. While NTH is 100 no level panics; below it, a level with fewer than
+    ``panic_threshold`` percent of its hosts healthy panics (all its hosts are used), and when
+    every level panics the traffic is spread by the levels' host counts instead. With no
+    healthy host anywhere and a threshold of 0, P0 is given everything and has nothing to
+    pick ("no healthy upstream")."""
+    n = len(levels)
+    health = []
+    for hosts in levels:
+        total = len(hosts)
+        healthy = sum(1 for h in hosts if h.healthy)
+        health.append(min(100, overprovisioning * healthy // total) if total else 0)
+    nth = min(100, sum(health))
+    loads = [0] * n
+    panics = [False] * n
+    if nth > 0:
+        left = 100
+        first = -1
+        for i in range(n):
+            if first < 0 and health[i] > 0:
+                first = i
+            loads[i] = min(left, health[i] * 100 // nth)
+            left -= loads[i]
+        loads[first] += left
+    elif panic_threshold <= 0:
+        loads[0] = 100
+        return loads, panics
+    if nth == 100:
+        return loads, panics
+    for i, hosts in enumerate(levels):
+        healthy = sum(1 for h in hosts if h.healthy)
+        panics[i] = 100.0 * healthy < panic_threshold * len(hosts) if hosts \
+            else panic_threshold > 0
+    if all(panics):
+        total_hosts = sum(len(hosts) for hosts in levels)
+        if not total_hosts:
+            return [100] + [0] * (n - 1), panics
+        left = 100
+        first = -1
+        for i, hosts in enumerate(levels):
+            if first < 0 and hosts:
+                first = i
+            loads[i] = 100 * len(hosts) // total_hosts
+            left -= loads[i]
+        loads[first] += left
+    return loads, panics
+
+
+class PriorityLb(Generic[H]):
+    """A cluster's balancer: its hosts by priority level, one balancer of the cluster's policy
+    per level, the level for each pick chosen by :func:`priority_loads`' shares (by the
+    request's hash for the hashing policies, as Envoy does, else at random)."""
+
+    def __init__(self, make: Callable[[], LoadBalancer[H]], rng: random.Random, *,
+                 panic_threshold: float = DEFAULT_PANIC_THRESHOLD,
+                 overprovisioning: int = DEFAULT_OVERPROVISIONING,
+                 by_hash: bool = False) -> None:
+        self._make = make
+        self.rng = rng
+        self.panic_threshold = panic_threshold
+        self.overprovisioning = overprovisioning
+        self.by_hash = by_hash
+        self.levels: list[LoadBalancer[H]] = [make()]
+        self.loads: list[int] = [100]
+        self.panics: list[bool] = [False]
+
+    def update(self, hosts: Sequence[H]) -> None:
+        groups: list[list[H]] = [[]]
+        for h in hosts:
+            while len(groups) <= h.priority:
+                groups.append([])
+            groups[h.priority].append(h)
+        self.loads, self.panics = priority_loads(groups, self.overprovisioning,
+                                                 self.panic_threshold)
+        while len(self.levels) < len(groups):
+            self.levels.append(self._make())
+        del self.levels[len(groups):]
+        for lb, group, panic in zip(self.levels, groups, self.panics, strict=True):
+            lb.assign(group if panic else [h for h in group if h.healthy], panic)
+
+    @property
+    def hosts(self) -> list[H]:
+        """The hosts picks can land on, every level's."""
+        return [h for lb, load in zip(self.levels, self.loads, strict=True) if load
+                for h in lb.hosts]
+
+    @property
+    def panic(self) -> bool:
+        return any(p for p, load in zip(self.panics, self.loads, strict=True) if load)
+
+    def pick(self, hash_key: int | None = None, attempt: int = 0) -> H | None:
+        """As :meth:`LoadBalancer.pick`, on the level the shares choose."""
+        levels = self.levels
+        if len(levels) == 1:
+            return levels[0].pick(hash_key, attempt)
+        h = hash_key if self.by_hash and hash_key is not None else self.rng.getrandbits(64)
+        point = h % 100 + 1
+        reached = 0
+        for lb, load in zip(levels, self.loads, strict=True):
+            reached += load
+            if point <= reached:
+                return lb.pick(hash_key, attempt)
+        return levels[0].pick(hash_key, attempt)
+
+
 def make_lb(policy: LbPolicy, hosts: Sequence[H], rng: random.Random, *,
             ring_min: int = DEFAULT_RING_MIN, ring_max: int = DEFAULT_RING_MAX,
-            maglev_table: int = DEFAULT_MAGLEV_TABLE) -> LoadBalancer[H]:
-    """The balancer for a cluster's ``lb_policy``. CLUSTER_PROVIDED (ORIGINAL_DST) has none of
-    its own; it gets round robin, which is never consulted for such clusters."""
-    if policy == "LEAST_REQUEST":
-        return LeastRequest(hosts, rng)
-    if policy == "RANDOM":
-        return RandomLb(hosts, rng)
-    if policy == "RING_HASH":
-        return RingHash(hosts, rng, min_size=ring_min, max_size=ring_max)
-    if policy == "MAGLEV":
-        return Maglev(hosts, rng, table_size=maglev_table)
-    return RoundRobin(hosts, rng)
+            maglev_table: int = DEFAULT_MAGLEV_TABLE,
+            panic_threshold: float = DEFAULT_PANIC_THRESHOLD,
+            overprovisioning: int = DEFAULT_OVERPROVISIONING) -> PriorityLb[H]:
+    """The balancer for a cluster's ``lb_policy``, over its priority levels. CLUSTER_PROVIDED
+    (ORIGINAL_DST) has none of its own; it gets round robin, which is never consulted for such
+    clusters."""
+    def make() -> LoadBalancer[H]:
+        if policy == "LEAST_REQUEST":
+            return LeastRequest([], rng)
+        if policy == "RANDOM":
+            return RandomLb([], rng)
+        if policy == "RING_HASH":
+            return RingHash([], rng, min_size=ring_min, max_size=ring_max)
+        if policy == "MAGLEV":
+            return Maglev([], rng, table_size=maglev_table)
+        return RoundRobin([], rng)
+    lb = PriorityLb(make, rng, panic_threshold=panic_threshold,
+                    overprovisioning=overprovisioning,
+                    by_hash=policy in ("RING_HASH", "MAGLEV"))
+    lb.update(hosts)
+    return lb
 
 
 def pick_weighted(weights: Sequence[int], rng: random.Random) -> int | None:

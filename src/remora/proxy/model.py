@@ -238,6 +238,8 @@ UpstreamHttpProtocol = Literal["HTTP1", "HTTP2", "DOWNSTREAM"]
 DEFAULT_RING_MIN = 1024                 # Envoy RingHashLbConfig.minimum_ring_size
 DEFAULT_RING_MAX = 8 * 1024 * 1024      # Envoy RingHashLbConfig.maximum_ring_size (and its cap)
 DEFAULT_MAGLEV_TABLE = 65537            # Envoy MaglevLbConfig.table_size
+DEFAULT_PANIC_THRESHOLD = 50.0          # percent: Envoy common_lb_config.healthy_panic_threshold
+DEFAULT_OVERPROVISIONING = 140          # percent: Envoy ClusterLoadAssignment.Policy's factor
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -267,6 +269,10 @@ class Cluster:
     ring_min_size: int = DEFAULT_RING_MIN
     ring_max_size: int = DEFAULT_RING_MAX
     maglev_table_size: int = DEFAULT_MAGLEV_TABLE
+    # priority levels (lb.priority_loads): common_lb_config.healthy_panic_threshold and
+    # load_assignment.policy.overprovisioning_factor
+    healthy_panic_threshold: float = DEFAULT_PANIC_THRESHOLD
+    overprovisioning_factor: int = DEFAULT_OVERPROVISIONING
 
     @property
     def observability_name(self) -> str:

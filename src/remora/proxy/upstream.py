@@ -30,7 +30,7 @@ from typing import TypeVar
 from mypy_extensions import mypyc_attr
 
 from remora.proxy import platform
-from remora.proxy.lb import LoadBalancer, make_lb
+from remora.proxy.lb import PriorityLb, make_lb
 from remora.proxy.model import Cluster, LbEndpoint, SocketAddress
 from remora.proxy.state import HOST_STATS, ClusterStatus, HostStatus
 from remora.proxy.stats import CLUSTER_STATS, Kind, Stats, cluster_scope
@@ -161,9 +161,11 @@ class UpstreamCluster:
         self._by_addr: dict[SocketAddress, Host] = {}
         self.active_connections = 0
         self._max_connections = config.default_thresholds.max_connections
-        self.lb: LoadBalancer[Host] = make_lb(
+        self.lb: PriorityLb[Host] = make_lb(
             config.lb_policy, [], rng, ring_min=config.ring_min_size,
-            ring_max=config.ring_max_size, maglev_table=config.maglev_table_size)
+            ring_max=config.ring_max_size, maglev_table=config.maglev_table_size,
+            panic_threshold=config.healthy_panic_threshold,
+            overprovisioning=config.overprovisioning_factor)
         self._tasks: list[asyncio.Task[None]] = []
         if not self.dns:
             self._set_hosts([Host.of(ep) for ep in config.endpoints])

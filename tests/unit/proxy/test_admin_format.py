@@ -9,6 +9,7 @@ types, omitted defaults and field order.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -352,9 +353,18 @@ def test_config_dump_include_eds(snap: Snapshot, statuses: list[ClusterStatus]) 
     eps = cla[0]["endpoints"][0]["lb_endpoints"]
     assert [e["endpoint"]["address"]["socket_address"]["address"] for e in eps] == [
         "10.1.0.2", "10.1.0.3"]
+    assert cla[0]["policy"] == {"overprovisioning_factor": 140}         # Envoy's default
     text = fmt.render_config_dump(configs)
     reprinted(text, config_dump_pb2.ConfigDump())
     check_golden("config_dump_include_eds.json", text)
+    # a cluster's own factor is the one shown
+    first = next(iter(snap.clusters.values()))
+    mine = dataclasses.replace(snap, clusters={
+        **snap.clusters, first.name: dataclasses.replace(first, overprovisioning_factor=100)})
+    configs = fmt.config_dump(mine, last_updated=LOADED_AT, include_eds=True,
+                              statuses=statuses)
+    assert configs[2]["static_endpoint_configs"][0]["endpoint_config"]["policy"] == {
+        "overprovisioning_factor": 100}
 
 
 def test_config_dump_resource(snap: Snapshot) -> None:

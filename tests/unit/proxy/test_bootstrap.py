@@ -162,6 +162,45 @@ def test_consistent_hashing_clusters() -> None:
             compiled(**fields)
 
 
+def test_priority_levels_panic_threshold_and_overprovisioning() -> None:
+    """Istio's failover shape: endpoints by locality at priorities, DestinationRule
+    minHealthPercent as the panic threshold; out-of-range values are refused."""
+    def compiled(**fields: Any) -> Any:
+        data = copy.deepcopy(base())
+        c = data["static_resources"]["clusters"][0]
+        c.update(fields)
+        return compile_bootstrap(parse_bootstrap(data)).clusters[c["name"]]
+
+    def assignment(priority: int, **extra: Any) -> dict[str, Any]:
+        return {"cluster_name": "x", **extra, "endpoints": [
+            {"locality": {"region": "r", "zone": "z"}, "lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": "10.0.0.1",
+                                                             "port_value": 80}}}}]},
+            {"locality": {"region": "r2"}, "priority": priority, "lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": "10.0.0.2",
+                                                             "port_value": 80}}}}]}]}
+    default = compiled(load_assignment=assignment(1))
+    assert (default.healthy_panic_threshold, default.overprovisioning_factor) == (50.0, 140)
+    assert [e.priority for e in default.endpoints] == [0, 1]
+    got = compiled(load_assignment=assignment(1, policy={"overprovisioning_factor": 100}),
+                   common_lb_config={"healthy_panic_threshold": {"value": 0}})
+    assert (got.healthy_panic_threshold, got.overprovisioning_factor) == (0.0, 100)
+    assert compiled(common_lb_config={"healthy_panic_threshold": {"value": 32.5}}
+                    ).healthy_panic_threshold == 33.0      # rounded, as Envoy does
+    for fields, needle in [
+            ({"load_assignment": assignment(129)}, r"endpoints\[1\]\.priority: at most 128"),
+            ({"common_lb_config": {"healthy_panic_threshold": {"value": 101}}},
+             "healthy_panic_threshold: need a percent"),
+            ({"load_assignment": assignment(1, policy={"overprovisioning_factor": 0})},
+             "overprovisioning_factor: must be above 0"),
+            ({"common_lb_config": {"zone_aware_lb_config": {}}}, "zone_aware_lb_config"),
+            ({"load_assignment": assignment(1, policy={"drop_overloads": [
+                {"category": "x", "drop_percentage": {"numerator": 1}}]})},
+             "drop_overloads")]:
+        with pytest.raises(BadInput, match=needle):
+            compiled(**fields)
+
+
 def test_cluster_protocol_options_fields_are_checked() -> None:
     data = copy.deepcopy(base())
     c = data["static_resources"]["clusters"][0]

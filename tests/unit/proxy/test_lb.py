@@ -12,12 +12,14 @@ import pytest
 from remora.proxy.lb import (
     LeastRequest,
     Maglev,
+    PriorityLb,
     RandomLb,
     RingHash,
     RoundRobin,
     hosts_to_use,
     make_lb,
     pick_weighted,
+    priority_loads,
 )
 
 
@@ -27,6 +29,7 @@ class H:
     weight: int = 1
     healthy: bool = True
     active_requests: int = 0
+    priority: int = 0
 
     @property
     def address_text(self) -> str:
@@ -144,7 +147,8 @@ def test_random_is_repeatable_with_a_seed() -> None:
                                              ("RANDOM", RandomLb),
                                              ("CLUSTER_PROVIDED", RoundRobin)])
 def test_make_lb(policy: str, cls: type) -> None:
-    assert type(make_lb(policy, [H("a")], random.Random(0))) is cls  # type: ignore[arg-type]
+    lb = make_lb(policy, [H("a")], random.Random(0))  # type: ignore[arg-type]
+    assert type(lb) is PriorityLb and len(lb.levels) == 1 and type(lb.levels[0]) is cls
 
 
 def test_pick_weighted() -> None:
@@ -222,7 +226,103 @@ def test_hash_balancers_retry_elsewhere_and_pick_at_random_without_a_hash(cls: A
 
 
 def test_make_lb_hashing_policies() -> None:
-    ring = make_lb("RING_HASH", _hosts(2), random.Random(0), ring_min=64, ring_max=64)
+    ring = make_lb("RING_HASH", _hosts(2), random.Random(0), ring_min=64, ring_max=64).levels[0]
     assert isinstance(ring, RingHash) and ring.ring_size == 64
-    maglev = make_lb("MAGLEV", _hosts(2), random.Random(0), maglev_table=7)
+    maglev = make_lb("MAGLEV", _hosts(2), random.Random(0), maglev_table=7).levels[0]
     assert isinstance(maglev, Maglev) and sum(maglev.slot_counts()) == 7
+
+
+# ---------------------------------------------------------------- priority levels (failover)
+
+def level(percent_healthy: int, priority: int = 0) -> list[H]:
+    """100 hosts of one priority, ``percent_healthy`` of them healthy."""
+    return [H(f"p{priority}-{i}", healthy=i < percent_healthy, priority=priority)
+            for i in range(100)]
+
+
+@pytest.mark.parametrize(("healthy", "loads"), [
+    # Envoy's priority.rst, two levels, P=1 fully healthy
+    ((100, 100), [100, 0]), ((72, 100), [100, 0]), ((71, 100), [99, 1]),
+    ((50, 100), [70, 30]), ((25, 100), [35, 65]), ((0, 100), [0, 100]),
+    # both levels degrade
+    ((72, 72), [100, 0]), ((71, 71), [99, 1]), ((50, 50), [70, 30]),
+    ((25, 25), [50, 50]),
+    # three levels
+    ((100, 100, 100), [100, 0, 0]), ((72, 72, 100), [100, 0, 0]),
+    ((71, 71, 100), [99, 1, 0]), ((50, 50, 100), [70, 30, 0]),
+    ((25, 100, 100), [35, 65, 0]), ((25, 25, 100), [35, 35, 30]),
+    # the docs round this row to 36/36/28; Envoy's code truncates each share (35, 35, 28) and
+    # gives the remainder to the first level with health
+    ((25, 25, 20), [37, 35, 28]),
+])
+def test_priority_loads_match_envoys_tables(healthy: tuple[int, ...], loads: list[int]) -> None:
+    """The load spread alone (panic off: with it, rows where every level is under 50 %
+    healthy are total panic, spread by host counts; see test_priority_panic)."""
+    got, _ = priority_loads([level(h, p) for p, h in enumerate(healthy)], panic_threshold=0)
+    assert got == loads
+    assert sum(got) == 100
+
+
+@pytest.mark.parametrize(("healthy", "loads", "panics"), [
+    # Envoy's panic_threshold.rst: no level panics while the total health is 100 %
+    ((5, 100), [7, 93], [False, False]),
+    ((25, 25), [50, 50], [True, True]),
+    ((5, 65), [8, 92], [True, False]),     # docs: 7/93 (rounded, as above)
+    ((25, 25, 20), [34, 33, 33], [True, True, True]),
+    # nothing healthy anywhere: total panic, the load follows the host counts
+    ((0, 0), [50, 50], [True, True]),
+])
+def test_priority_panic(healthy: tuple[int, ...], loads: list[int],
+                        panics: list[bool]) -> None:
+    assert priority_loads([level(h, p) for p, h in enumerate(healthy)]) == (loads, panics)
+
+
+def test_priority_total_panic_by_host_counts_and_threshold_zero() -> None:
+    small = [H("a", healthy=False)]
+    large = [H(f"b{i}", healthy=False, priority=1) for i in range(3)]
+    assert priority_loads([small, large]) == ([25, 75], [True, True])
+    # panic disabled: nothing healthy means P0 gets it all, and has nothing to pick
+    assert priority_loads([small, large], panic_threshold=0) == ([100, 0], [False, False])
+    lb = make_lb("ROUND_ROBIN", [*small, *large], random.Random(0), panic_threshold=0)
+    assert lb.pick() is None
+    # an empty level in between counts as a level with no health
+    assert priority_loads([[H("a")], [], [H("c", priority=2)]]) == ([100, 0, 0],
+                                                                     [False, False, False])
+
+
+def test_overprovisioning_factor() -> None:
+    # factor 100: a level takes exactly its healthy share
+    assert priority_loads([level(80, 0), level(100, 1)], overprovisioning=100)[0] == [80, 20]
+    assert priority_loads([level(80, 0), level(100, 1)])[0] == [100, 0]
+
+
+def test_failover_moves_traffic_to_the_next_priority() -> None:
+    """Istio's locality failover: local endpoints at P0, the next locality at P1. Traffic
+    stays local while enough local hosts are healthy and spills over as they fail."""
+    local = [H(f"l{i}") for i in range(4)]
+    remote = [H(f"r{i}", priority=1) for i in range(2)]
+    lb = make_lb("ROUND_ROBIN", [*local, *remote], random.Random(3))
+    assert set(counts(lb, 400)) == {"l0", "l1", "l2", "l3"}
+    for h in local[:2]:
+        h.healthy = False           # 50 % healthy: P0 takes 70 %
+    lb.update([*local, *remote])
+    got = counts(lb, 4000)
+    assert set(got) == {"l2", "l3", "r0", "r1"}
+    assert 0.66 < (got["l2"] + got["l3"]) / 4000 < 0.74
+    for h in local:
+        h.healthy = False
+    lb.update([*local, *remote])
+    assert set(counts(lb, 400)) == {"r0", "r1"}
+    assert not lb.panic and lb.hosts == remote
+
+
+def test_hashing_policies_choose_the_level_by_the_hash() -> None:
+    local = [H(f"l{i}", healthy=i == 0) for i in range(2)]      # 50 %: P0 takes 70 %
+    remote = [H("r0", priority=1)]
+    for policy in ("RING_HASH", "MAGLEV"):
+        lb = make_lb(policy, [*local, *remote], random.Random(5))  # type: ignore[arg-type]
+        # the same request hash always lands on the same level and host
+        for key in range(0, 10**6, 9973):
+            first = lb.pick(key)
+            assert first is not None and all(lb.pick(key) is first for _ in range(3))
+            assert first.name == ("l0" if key % 100 < 70 else "r0")

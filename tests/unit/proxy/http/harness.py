@@ -613,10 +613,15 @@ def hcm_dict(vhosts: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     return d
 
 
-def cluster(name: str, addrs: Iterable[str], **kw: Any) -> Cluster:
+def cluster(name: str, addrs: Iterable[str], *, priorities: Iterable[int] = (),
+            **kw: Any) -> Cluster:
+    """A STATIC cluster of ``addrs``; ``priorities``: each endpoint's priority level (all 0
+    when not given)."""
+    addrs = list(addrs)
+    levels = list(priorities) or [0] * len(addrs)
     eps = tuple(LbEndpoint(address=SocketAddress(address=a.rsplit(":", 1)[0],
-                                                 port=int(a.rsplit(":", 1)[1])))
-                for a in addrs)
+                                                 port=int(a.rsplit(":", 1)[1])), priority=p)
+                for a, p in zip(addrs, levels, strict=True))
     return Cluster(name=name, type="STATIC", connect_timeout=1.0, endpoints=eps, **kw)
 
 

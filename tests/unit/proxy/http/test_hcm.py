@@ -695,6 +695,23 @@ async def test_outlier_detection_ejects_a_failing_host() -> None:
 
 
 @run
+async def test_failover_to_the_next_priority_when_the_local_host_is_ejected() -> None:
+    """Istio's locality failover: the local endpoint (P0) takes every request while it is
+    healthy; once outlier detection ejects it, P1's endpoint takes them all."""
+    servers = {A: Server(_busy), B: Server()}
+    od = OutlierDetection(consecutive_5xx=2, base_ejection_time=30.0,
+                          max_ejection_percent=100)
+    env = make_env(servers=servers, hosts=(A, B),
+                   cluster_kw={"outlier_detection": od, "priorities": (0, 1)})
+    c = env.client()
+    assert [(await c.request()).status for _ in range(2)] == [503, 503]
+    assert not servers[B].requests             # P1 idle while P0 is healthy
+    assert [(await c.request()).status for _ in range(4)] == [200] * 4
+    assert len(servers[A].requests) == 2 and len(servers[B].requests) == 4
+    await env.close()
+
+
+@run
 async def test_fault_abort_and_delay() -> None:
     abort = {"abort": {"http_status": 503, "percentage": {"numerator": 100}}}
     delay = {"delay": {"fixed_delay": "0.02s", "percentage": {"numerator": 100}}}
