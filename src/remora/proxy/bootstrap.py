@@ -66,6 +66,7 @@ from remora.proxy.model import (
     NetworkFilter,
     Node,
     OutlierDetection,
+    SlowStart,
     Snapshot,
     SocketAddress,
     SourceType,
@@ -120,7 +121,14 @@ SUPPORTED: dict[str, str | frozenset[str]] = {
         "upstream_bind_config", "circuit_breakers", "alt_stat_name", "eds_cluster_config",
         "cleanup_interval", "dns_refresh_rate", "dns_lookup_family",
         "typed_extension_protocol_options", "outlier_detection", "ring_hash_lb_config",
-        "maglev_lb_config", "common_lb_config"}),
+        "maglev_lb_config", "common_lb_config", "round_robin_lb_config",
+        "least_request_lb_config"}),
+    "envoy.config.cluster.v3.Cluster.RoundRobinLbConfig": frozenset({"slow_start_config"}),
+    "envoy.config.cluster.v3.Cluster.LeastRequestLbConfig": frozenset({
+        "choice_count", "active_request_bias", "slow_start_config"}),
+    "envoy.config.cluster.v3.Cluster.SlowStartConfig": frozenset({
+        "slow_start_window", "aggression", "min_weight_percent"}),
+    "envoy.config.core.v3.RuntimeDouble": frozenset({"default_value", "runtime_key"}),
     "envoy.config.cluster.v3.Cluster.CommonLbConfig": frozenset({"healthy_panic_threshold"}),
     "envoy.type.v3.Percent": frozenset({"value"}),
     "envoy.config.cluster.v3.Cluster.RingHashLbConfig": frozenset({
@@ -412,6 +420,52 @@ def _is_prime(n: int) -> bool:
     return True
 
 
+def _slow_start(msg: Any, path: str) -> SlowStart | None:
+    """``slow_start_config`` (Envoy's bounds; a runtime key has no runtime here to read, so
+    the default value applies, as in Envoy without that key)."""
+    window = _seconds(msg.slow_start_window)
+    if window <= 0:
+        return None                       # Envoy: no window, no slow start
+    aggression = 1.0
+    if msg.HasField("aggression"):
+        aggression = float(msg.aggression.default_value)
+        if not aggression > 0:
+            raise BadInput(f"{path}.slow_start_config.aggression: must be above 0")
+    minimum = 10.0
+    if msg.HasField("min_weight_percent"):
+        minimum = float(msg.min_weight_percent.value)
+        if not 0.0 <= minimum <= 100.0:
+            raise BadInput(f"{path}.slow_start_config.min_weight_percent: need a percent "
+                           f"from 0 to 100, got {minimum:g}")
+    return SlowStart(window=window, aggression=aggression, min_weight_percent=minimum)
+
+
+def _lb_config(msg: cluster_pb2.Cluster, lb: LbPolicy, path: str) -> dict[str, Any]:
+    """``round_robin_lb_config`` / ``least_request_lb_config``, each only with its policy."""
+    out: dict[str, Any] = {}
+    which = msg.WhichOneof("lb_config")
+    if which in ("round_robin_lb_config", "least_request_lb_config"):
+        want = "ROUND_ROBIN" if which == "round_robin_lb_config" else "LEAST_REQUEST"
+        if lb != want:
+            raise BadInput(f"{path}.{which} needs lb_policy {want}, not {lb}")
+        config = getattr(msg, which)
+        if config.HasField("slow_start_config"):
+            out["slow_start"] = _slow_start(config.slow_start_config, f"{path}.{which}")
+    if which == "least_request_lb_config":
+        lr = msg.least_request_lb_config
+        if lr.HasField("choice_count"):
+            if lr.choice_count.value < 2:
+                raise BadInput(f"{path}.least_request_lb_config.choice_count: at least 2")
+            out["choice_count"] = lr.choice_count.value
+        if lr.HasField("active_request_bias"):
+            bias = float(lr.active_request_bias.default_value)
+            if bias < 0:
+                raise BadInput(f"{path}.least_request_lb_config.active_request_bias: must "
+                               "not be negative")
+            out["active_request_bias"] = bias
+    return out
+
+
 def _priority_lb(msg: cluster_pb2.Cluster, path: str) -> dict[str, Any]:
     """``common_lb_config.healthy_panic_threshold`` (a percent, rounded to a whole one as
     Envoy does) and ``load_assignment.policy.overprovisioning_factor`` → the model's."""
@@ -579,6 +633,7 @@ def _cluster(msg: cluster_pb2.Cluster, path: str) -> Cluster:
         **_http_options(msg, path),
         **_hash_lb(msg, path),
         **_priority_lb(msg, path),
+        **_lb_config(msg, lb, path),
     )
 
 

@@ -1,4 +1,4 @@
-"""Load balancers: which host of a cluster gets the next connection. Pure: no IO, no clock.
+"""Load balancers: which host of a cluster gets the next connection. Pure: no IO.
 
 Owns: Envoy's ROUND_ROBIN (weighted by earliest-deadline-first when weights differ), its
 LEAST_REQUEST (power of two choices on active requests when all weights are equal, else EDF
@@ -8,16 +8,18 @@ host as its share of ``minimum_ring_size``) and MAGLEV (the Maglev paper's looku
 Envoy's weighted fill), which pick by the request's hash (:mod:`remora.proxy.http.hashing`);
 priority levels (:class:`PriorityLb`: each level's health with the overprovisioning factor,
 the load spread over the levels, failover, and each level's "panic", when too few of its hosts
-are healthy and all of them are used); and weighted choice among clusters.
+are healthy and all of them are used); slow start (a new host's weight ramping up over a
+window, ROUND_ROBIN and LEAST_REQUEST); and weighted choice among clusters.
 Must not: know about sockets, clusters' configs or stats; randomness comes from an injected
-``random.Random`` so tests are repeatable and workers differ.
+``random.Random`` and time (slow start's only) from an injected clock, so tests are
+repeatable and workers differ.
 
 References: Envoy docs ``arch_overview/upstream/load_balancing/load_balancers.rst``,
-``priority.rst``, ``overprovisioning.rst`` and ``panic_threshold.rst``;
+``priority.rst``, ``overprovisioning.rst``, ``panic_threshold.rst`` and ``slow_start.rst``;
 ``source/common/upstream/load_balancer_impl.cc`` (behaviour, not code). ``ring_hash_lb.cc`` and
 ``maglev_lb.cc`` for the two tables and what a retry (``attempt``) does to the choice.
 Simplifications: degraded hosts count as healthy (Envoy gives them load only when the healthy
-ones cannot take it all), no locality weighting, no slow start; RING_HASH hashes with XX_HASH
+ones cannot take it all), no locality weighting; RING_HASH hashes with XX_HASH
 only (MURMUR_HASH_2 is refused at start-up) and keys hosts by address (not
 ``use_hostname_for_hashing``).
 """
@@ -34,16 +36,17 @@ from typing import Final, Generic, Protocol, TypeVar
 import xxhash
 
 from remora.proxy.model import (
+    DEFAULT_ACTIVE_REQUEST_BIAS,
+    DEFAULT_CHOICE_COUNT,
     DEFAULT_MAGLEV_TABLE,
     DEFAULT_OVERPROVISIONING,
     DEFAULT_PANIC_THRESHOLD,
     DEFAULT_RING_MAX,
     DEFAULT_RING_MIN,
     LbPolicy,
+    SlowStart,
 )
 
-DEFAULT_CHOICE_COUNT = 2          # Envoy LeastRequestLbConfig.choice_count
-DEFAULT_ACTIVE_REQUEST_BIAS = 1.0  # Envoy LeastRequestLbConfig.active_request_bias
 _U64: Final = (1 << 64) - 1
 
 
@@ -63,6 +66,11 @@ class LbHost(Protocol):
     def priority(self) -> int: ...
 
     @property
+    def created(self) -> float:
+        """When the host joined its cluster (the balancer's clock): slow start's origin."""
+        ...
+
+    @property
     def address_text(self) -> str:
         """The address as Envoy prints it (``10.0.0.1:8080``, ``[::1]:8080``): RING_HASH's
         and MAGLEV's key for the host."""
@@ -79,6 +87,16 @@ def hosts_to_use(hosts: Sequence[H], panic_threshold: float = DEFAULT_PANIC_THRE
     if hosts and 100.0 * len(healthy) < panic_threshold * len(hosts):
         return list(hosts), True
     return healthy, False
+
+
+def slow_start_factor(slow: SlowStart, age: float) -> float:
+    """Envoy's slow-start scale of a host's weight ``age`` seconds after it joined: from
+    ``min_weight_percent`` up to 1 over the window, ``time ** (1 / aggression)``; 1 after."""
+    if age >= slow.window:
+        return 1.0
+    time_factor = max(age, 1.0) / slow.window
+    ramp: float = math.pow(time_factor, 1.0 / slow.aggression)
+    return max(slow.min_weight_percent / 100.0, ramp)
 
 
 class _Edf(Generic[H]):
@@ -149,15 +167,59 @@ def _equal_weights(hosts: Sequence[LbHost]) -> bool:
     return len({h.weight for h in hosts}) <= 1
 
 
-class RoundRobin(LoadBalancer[H]):
+class _SlowStarting(LoadBalancer[H]):
+    """A balancer whose weights may ramp up (slow start): while any host is inside its
+    window, picks go through EDF with each host's weight scaled by
+    :func:`slow_start_factor`, recomputed each time the host is scheduled again (as Envoy's
+    EDF scheduler does); once every window has passed, the plain method comes back."""
+
+    def __init__(self, hosts: Sequence[H], rng: random.Random,
+                 panic_threshold: float = DEFAULT_PANIC_THRESHOLD, *,
+                 slow_start: SlowStart | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.slow_start = slow_start
+        self.clock = clock
+        self._slow_until = -math.inf         # the last host's window ends then
+        super().__init__(hosts, rng, panic_threshold)
+
+    def _slow_window(self) -> bool:
+        """Note when the last window ends; whether one is still open."""
+        slow, clock = self.slow_start, self.clock
+        if slow is None or clock is None or not self._hosts:
+            self._slow_until = -math.inf
+            return False
+        until = max(h.created for h in self._hosts) + slow.window
+        self._slow_until = until if clock() < until else -math.inf
+        return self._slow_until != -math.inf
+
+    def _scale(self, host: H) -> float:
+        slow, clock = self.slow_start, self.clock
+        if slow is None or clock is None:
+            return 1.0
+        return slow_start_factor(slow, clock() - host.created)
+
+    def _slow_over(self) -> bool:
+        """Every window has passed since the EDF was built for them: rebuild plainly."""
+        if self._slow_until == -math.inf:
+            return False
+        assert self.clock is not None
+        if self.clock() < self._slow_until:
+            return False
+        self._rebuild()
+        return True
+
+
+class RoundRobin(_SlowStarting[H]):
     """Rotation from a random start (so workers do not all begin with the same host); EDF
-    on the static weights when they differ."""
+    on the static weights when they differ, or while a host is slow-starting."""
 
     def _rebuild(self) -> None:
         n = len(self._hosts)
         self._index = self.rng.randrange(n) if n else 0
         self._edf: _Edf[H] | None = None
-        if not _equal_weights(self._hosts):
+        if self._slow_window():
+            self._edf = _Edf(self._hosts, lambda h: h.weight * self._scale(h))
+        elif not _equal_weights(self._hosts):
             self._edf = _Edf(self._hosts, lambda h: float(h.weight))
             for _ in range(self.rng.randrange(n)):
                 self._edf.pick()
@@ -165,6 +227,8 @@ class RoundRobin(LoadBalancer[H]):
     def pick(self, hash_key: int | None = None, attempt: int = 0) -> H | None:
         if not self._hosts:
             return None
+        if self._slow_until != -math.inf:
+            self._slow_over()
         if self._edf is not None:
             return self._edf.pick()
         host = self._hosts[self._index % len(self._hosts)]
@@ -172,30 +236,34 @@ class RoundRobin(LoadBalancer[H]):
         return host
 
 
-class LeastRequest(LoadBalancer[H]):
+class LeastRequest(_SlowStarting[H]):
     """Power of ``choice_count`` choices on active requests (equal weights); otherwise EDF with
-    each host's weight divided by ``(active + 1) ** active_request_bias``, recomputed when the
-    host is scheduled again."""
+    each host's weight (slow start's scale included) divided by ``(active + 1) **
+    active_request_bias``, recomputed when the host is scheduled again."""
 
     def __init__(self, hosts: Sequence[H], rng: random.Random,
                  panic_threshold: float = DEFAULT_PANIC_THRESHOLD, *,
                  choice_count: int = DEFAULT_CHOICE_COUNT,
-                 active_request_bias: float = DEFAULT_ACTIVE_REQUEST_BIAS) -> None:
+                 active_request_bias: float = DEFAULT_ACTIVE_REQUEST_BIAS,
+                 slow_start: SlowStart | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
         self.choice_count = max(1, choice_count)
         self.bias = active_request_bias
-        super().__init__(hosts, rng, panic_threshold)
+        super().__init__(hosts, rng, panic_threshold, slow_start=slow_start, clock=clock)
 
     def _rebuild(self) -> None:
         self._edf: _Edf[H] | None = None
-        if not _equal_weights(self._hosts):
+        if self._slow_window() or not _equal_weights(self._hosts):
             bias = self.bias
-            self._edf = _Edf(self._hosts,
-                             lambda h: h.weight / float(h.active_requests + 1) ** bias)
+            self._edf = _Edf(self._hosts, lambda h: h.weight * self._scale(h)
+                             / float(h.active_requests + 1) ** bias)
 
     def pick(self, hash_key: int | None = None, attempt: int = 0) -> H | None:
         hosts = self._hosts
         if not hosts:
             return None
+        if self._slow_until != -math.inf:
+            self._slow_over()
         if self._edf is not None:
             return self._edf.pick()
         n = len(hosts)
@@ -451,20 +519,26 @@ def make_lb(policy: LbPolicy, hosts: Sequence[H], rng: random.Random, *,
             ring_min: int = DEFAULT_RING_MIN, ring_max: int = DEFAULT_RING_MAX,
             maglev_table: int = DEFAULT_MAGLEV_TABLE,
             panic_threshold: float = DEFAULT_PANIC_THRESHOLD,
-            overprovisioning: int = DEFAULT_OVERPROVISIONING) -> PriorityLb[H]:
+            overprovisioning: int = DEFAULT_OVERPROVISIONING,
+            slow_start: SlowStart | None = None,
+            clock: Callable[[], float] | None = None,
+            choice_count: int = DEFAULT_CHOICE_COUNT,
+            active_request_bias: float = DEFAULT_ACTIVE_REQUEST_BIAS) -> PriorityLb[H]:
     """The balancer for a cluster's ``lb_policy``, over its priority levels. CLUSTER_PROVIDED
     (ORIGINAL_DST) has none of its own; it gets round robin, which is never consulted for such
     clusters."""
     def make() -> LoadBalancer[H]:
         if policy == "LEAST_REQUEST":
-            return LeastRequest([], rng)
+            return LeastRequest([], rng, choice_count=choice_count,
+                                active_request_bias=active_request_bias,
+                                slow_start=slow_start, clock=clock)
         if policy == "RANDOM":
             return RandomLb([], rng)
         if policy == "RING_HASH":
             return RingHash([], rng, min_size=ring_min, max_size=ring_max)
         if policy == "MAGLEV":
             return Maglev([], rng, table_size=maglev_table)
-        return RoundRobin([], rng)
+        return RoundRobin([], rng, slow_start=slow_start, clock=clock)
     lb = PriorityLb(make, rng, panic_threshold=panic_threshold,
                     overprovisioning=overprovisioning,
                     by_hash=policy in ("RING_HASH", "MAGLEV"))

@@ -216,6 +216,17 @@ class Thresholds:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SlowStart:
+    """``slow_start_config`` of ROUND_ROBIN / LEAST_REQUEST (Istio's ``warmupDurationSecs``):
+    for ``window`` seconds after a host joins, its weight is scaled by
+    ``max(min_weight_percent / 100, (max(age, 1) / window) ** (1 / aggression))``."""
+
+    window: float
+    aggression: float = 1.0
+    min_weight_percent: float = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OutlierDetection:
     """``cluster.outlier_detection`` (Envoy defaults). Ejection time grows with the number of
     times a host was ejected: ``base_ejection_time * n``, capped at ``max_ejection_time``."""
@@ -240,6 +251,8 @@ DEFAULT_RING_MAX = 8 * 1024 * 1024      # Envoy RingHashLbConfig.maximum_ring_si
 DEFAULT_MAGLEV_TABLE = 65537            # Envoy MaglevLbConfig.table_size
 DEFAULT_PANIC_THRESHOLD = 50.0          # percent: Envoy common_lb_config.healthy_panic_threshold
 DEFAULT_OVERPROVISIONING = 140          # percent: Envoy ClusterLoadAssignment.Policy's factor
+DEFAULT_CHOICE_COUNT = 2                # Envoy LeastRequestLbConfig.choice_count
+DEFAULT_ACTIVE_REQUEST_BIAS = 1.0       # Envoy LeastRequestLbConfig.active_request_bias
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -273,6 +286,10 @@ class Cluster:
     # load_assignment.policy.overprovisioning_factor
     healthy_panic_threshold: float = DEFAULT_PANIC_THRESHOLD
     overprovisioning_factor: int = DEFAULT_OVERPROVISIONING
+    # round_robin_lb_config / least_request_lb_config
+    slow_start: SlowStart | None = None
+    choice_count: int = DEFAULT_CHOICE_COUNT
+    active_request_bias: float = DEFAULT_ACTIVE_REQUEST_BIAS
 
     @property
     def observability_name(self) -> str:

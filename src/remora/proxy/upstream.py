@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import socket
+import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -64,12 +65,12 @@ class UpstreamError(Exception):
 class Host:
     """One upstream host of one cluster in one worker, with Envoy's per-host stats."""
 
-    __slots__ = ("address", "address_text", "family", "health_flags", "hostname", "locality",
-                 "priority", "sockaddr", "stats", "used", "weight")
+    __slots__ = ("address", "address_text", "created", "family", "health_flags", "hostname",
+                 "locality", "priority", "sockaddr", "stats", "used", "weight")
 
     def __init__(self, address: SocketAddress, *, weight: int = 1, healthy: bool = True,
                  hostname: str = "", locality: tuple[str, str, str] = ("", "", ""),
-                 priority: int = 0) -> None:
+                 priority: int = 0, created: float | None = None) -> None:
         self.address = address
         self.address_text = str(address)       # for access logs, once
         self.family = platform.family_of(address)
@@ -79,6 +80,8 @@ class Host:
         self.hostname = hostname
         self.locality = locality
         self.priority = priority
+        # when it joined the cluster (time.monotonic, the balancers' clock): slow start
+        self.created = time.monotonic() if created is None else created
         self.stats = dict.fromkeys(HOST_STATS, 0)
         self.used = True
 
@@ -165,7 +168,9 @@ class UpstreamCluster:
             config.lb_policy, [], rng, ring_min=config.ring_min_size,
             ring_max=config.ring_max_size, maglev_table=config.maglev_table_size,
             panic_threshold=config.healthy_panic_threshold,
-            overprovisioning=config.overprovisioning_factor)
+            overprovisioning=config.overprovisioning_factor, slow_start=config.slow_start,
+            clock=time.monotonic, choice_count=config.choice_count,
+            active_request_bias=config.active_request_bias)
         self._tasks: list[asyncio.Task[None]] = []
         if not self.dns:
             self._set_hosts([Host.of(ep) for ep in config.endpoints])

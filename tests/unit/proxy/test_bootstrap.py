@@ -11,6 +11,7 @@ import yaml
 
 from remora.errors import BadInput
 from remora.proxy.bootstrap import compile_bootstrap, load_bootstrap, parse_bootstrap
+from remora.proxy.model import SlowStart
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "sidecar-bootstrap.yaml"
 
@@ -197,6 +198,48 @@ def test_priority_levels_panic_threshold_and_overprovisioning() -> None:
             ({"load_assignment": assignment(1, policy={"drop_overloads": [
                 {"category": "x", "drop_percentage": {"numerator": 1}}]})},
              "drop_overloads")]:
+        with pytest.raises(BadInput, match=needle):
+            compiled(**fields)
+
+
+def test_slow_start_and_least_request_config() -> None:
+    """Istio's warmupDurationSecs (slow_start_config under the policy's own lb config) and
+    LEAST_REQUEST's choice_count / active_request_bias; mismatches and bad values refused."""
+    def compiled(**fields: Any) -> Any:
+        data = copy.deepcopy(base())
+        c = data["static_resources"]["clusters"][0]
+        c.update(fields)
+        return compile_bootstrap(parse_bootstrap(data)).clusters[c["name"]]
+    rr = compiled(lb_policy="ROUND_ROBIN",
+                  round_robin_lb_config={"slow_start_config": {"slow_start_window": "30s"}})
+    assert rr.slow_start == SlowStart(window=30.0, aggression=1.0, min_weight_percent=10.0)
+    lr = compiled(lb_policy="LEAST_REQUEST", least_request_lb_config={
+        "choice_count": 3, "active_request_bias": {"default_value": 0.5, "runtime_key": "k"},
+        "slow_start_config": {"slow_start_window": "10s",
+                              "aggression": {"default_value": 2.0, "runtime_key": "a"},
+                              "min_weight_percent": {"value": 25}}})
+    assert (lr.choice_count, lr.active_request_bias) == (3, 0.5)
+    assert lr.slow_start == SlowStart(window=10.0, aggression=2.0, min_weight_percent=25.0)
+    assert compiled(lb_policy="LEAST_REQUEST").slow_start is None
+    assert compiled(lb_policy="ROUND_ROBIN", round_robin_lb_config={
+        "slow_start_config": {}}).slow_start is None           # no window, no slow start
+    for fields, needle in [
+            ({"lb_policy": "RANDOM", "round_robin_lb_config": {}},
+             "round_robin_lb_config needs lb_policy ROUND_ROBIN, not RANDOM"),
+            ({"lb_policy": "ROUND_ROBIN", "least_request_lb_config": {}},
+             "needs lb_policy LEAST_REQUEST, not ROUND_ROBIN"),
+            ({"lb_policy": "LEAST_REQUEST", "least_request_lb_config": {"choice_count": 1}},
+             "choice_count: at least 2"),
+            ({"lb_policy": "ROUND_ROBIN", "round_robin_lb_config": {"slow_start_config": {
+                "slow_start_window": "5s", "aggression": {"default_value": 0,
+                                                          "runtime_key": "a"}}}},
+             "aggression: must be above 0"),
+            ({"lb_policy": "ROUND_ROBIN", "round_robin_lb_config": {"slow_start_config": {
+                "slow_start_window": "5s", "min_weight_percent": {"value": 150}}}},
+             "min_weight_percent: need a percent"),
+            ({"lb_policy": "LEAST_REQUEST", "least_request_lb_config": {
+                "active_request_bias": {"default_value": -1, "runtime_key": "b"}}},
+             "active_request_bias: must not be negative")]:
         with pytest.raises(BadInput, match=needle):
             compiled(**fields)
 

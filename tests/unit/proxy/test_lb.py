@@ -20,7 +20,9 @@ from remora.proxy.lb import (
     make_lb,
     pick_weighted,
     priority_loads,
+    slow_start_factor,
 )
+from remora.proxy.model import SlowStart
 
 
 @dataclass(eq=False)
@@ -30,6 +32,7 @@ class H:
     healthy: bool = True
     active_requests: int = 0
     priority: int = 0
+    created: float = 0.0
 
     @property
     def address_text(self) -> str:
@@ -326,3 +329,55 @@ def test_hashing_policies_choose_the_level_by_the_hash() -> None:
             first = lb.pick(key)
             assert first is not None and all(lb.pick(key) is first for _ in range(3))
             assert first.name == ("l0" if key % 100 < 70 else "r0")
+
+
+# ---------------------------------------------------------------------------- slow start
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_slow_start_factor_follows_envoys_formula() -> None:
+    slow = SlowStart(window=60.0)
+    assert slow_start_factor(slow, 0.0) == 0.1          # max(age, 1) / 60 < 10 %: the floor
+    assert slow_start_factor(slow, 30.0) == 0.5
+    assert slow_start_factor(slow, 60.0) == 1.0
+    fast = SlowStart(window=100.0, aggression=2.0, min_weight_percent=0.0)
+    assert slow_start_factor(fast, 25.0) == 0.5          # sqrt(0.25)
+    assert slow_start_factor(fast, 0.0) == 0.1           # sqrt(1 / 100): age counts as 1 s
+
+
+@pytest.mark.parametrize("policy", ["ROUND_ROBIN", "LEAST_REQUEST"])
+def test_a_new_host_ramps_up_over_the_window(policy: str) -> None:
+    """Istio's warmupDurationSecs: a host that joins takes a growing share of the picks
+    over the window (here the share its scaled weight gives it), then its full share."""
+    clock = Clock()
+    old = [H(f"o{i}", created=0.0) for i in range(3)]
+    new = H("new", created=clock.now)
+    lb = make_lb(policy, [*old, new], random.Random(7),  # type: ignore[arg-type]
+                 slow_start=SlowStart(window=60.0), clock=clock)
+    shares = []
+    for age in (0.0, 30.0, 59.0):
+        clock.now = new.created + age
+        lb.update([*old, new])          # (fresh schedule: the share at this age alone)
+        shares.append(counts(lb, 3000)["new"] / 3000)
+    expected = [0.1 / 3.1, 0.5 / 3.5, (59 / 60) / (3 + 59 / 60)]
+    for got, want in zip(shares, expected, strict=True):
+        assert abs(got - want) < 0.02, (shares, expected)
+    clock.now = new.created + 60.0      # the window has passed: the plain method again
+    assert counts(lb, 4000)["new"] == 1000 if policy == "ROUND_ROBIN" else \
+        abs(counts(lb, 4000)["new"] / 4000 - 0.25) < 0.03
+    assert lb.levels[0]._edf is None    # type: ignore[attr-defined]
+
+
+def test_slow_start_without_a_window_open_changes_nothing() -> None:
+    clock = Clock()
+    hosts = [H(f"h{i}", created=0.0) for i in range(4)]
+    lb = make_lb("ROUND_ROBIN", hosts, random.Random(2), slow_start=SlowStart(window=60.0),
+                 clock=clock)
+    assert lb.levels[0]._edf is None    # type: ignore[attr-defined]
+    assert set(counts(lb, 400).values()) == {100}

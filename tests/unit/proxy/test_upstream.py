@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from remora.proxy.model import Cluster, LbEndpoint, SocketAddress, Thresholds
+from remora.proxy.model import Cluster, LbEndpoint, SlowStart, SocketAddress, Thresholds
 from remora.proxy.stats import Stats
 from remora.proxy.upstream import UpstreamCluster, UpstreamError, select_family
 
@@ -31,6 +31,23 @@ def test_static_cluster_hosts_and_membership_stats() -> None:
     assert c.status().hosts[1].health_flags == ("/failed_eds_health",)
     picks = {c.pick(None).address for _ in range(5)}  # type: ignore[union-attr]
     assert picks == {addr("10.0.0.1")}
+
+
+def test_a_cluster_passes_its_lb_settings_to_its_balancer() -> None:
+    """priorities, the panic threshold, slow start (its hosts just joined: inside the
+    window) and LEAST_REQUEST's knobs reach the cluster's balancer."""
+    c = UpstreamCluster(Cluster(
+        name="c", lb_policy="LEAST_REQUEST", healthy_panic_threshold=0.0,
+        slow_start=SlowStart(window=600.0), choice_count=3, active_request_bias=0.5,
+        endpoints=(LbEndpoint(address=addr("10.0.0.1"), health_status="UNHEALTHY"),
+                   LbEndpoint(address=addr("10.0.0.2"), priority=1))),
+        Stats(), random.Random(0))
+    assert c.lb.loads == [0, 100] and c.lb.panic_threshold == 0.0
+    level = c.lb.levels[1]
+    assert (level.slow_start, level.choice_count, level.bias) == (  # type: ignore[attr-defined]
+        SlowStart(window=600.0), 3, 0.5)
+    assert level._edf is not None              # type: ignore[attr-defined]
+    assert {c.pick(None).address for _ in range(5)} == {addr("10.0.0.2")}  # type: ignore[union-attr]
 
 
 def test_empty_cluster_has_no_host() -> None:
