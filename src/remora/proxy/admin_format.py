@@ -451,6 +451,8 @@ def _load_assignment_json(c: Cluster, hosts: Sequence[LbEndpoint]) -> dict[str, 
                                       ("sub_zone", sub_zone)) if v}
         group: dict[str, JsonValue] = {"locality": locality,
                                        "lb_endpoints": [_lb_endpoint_json(e) for e in eps]}
+        if eps[0].locality_weight:
+            group["load_balancing_weight"] = eps[0].locality_weight
         if priority:
             group["priority"] = priority
         endpoints.append(group)
@@ -472,7 +474,8 @@ def _host_endpoints(c: Cluster, status: ClusterStatus | None) -> list[LbEndpoint
         out.append(LbEndpoint(address=h.address, weight=h.weight, health_status=health,
                               locality=Locality(region=h.region, zone=h.zone,
                                                 sub_zone=h.sub_zone),
-                              priority=h.priority, hostname=h.hostname))
+                              priority=h.priority, hostname=h.hostname,
+                              locality_weight=h.locality_weight))
     return out
 
 

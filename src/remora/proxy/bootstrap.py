@@ -129,7 +129,9 @@ SUPPORTED: dict[str, str | frozenset[str]] = {
     "envoy.config.cluster.v3.Cluster.SlowStartConfig": frozenset({
         "slow_start_window", "aggression", "min_weight_percent"}),
     "envoy.config.core.v3.RuntimeDouble": frozenset({"default_value", "runtime_key"}),
-    "envoy.config.cluster.v3.Cluster.CommonLbConfig": frozenset({"healthy_panic_threshold"}),
+    "envoy.config.cluster.v3.Cluster.CommonLbConfig": frozenset({
+        "healthy_panic_threshold", "locality_weighted_lb_config"}),
+    "envoy.config.cluster.v3.Cluster.CommonLbConfig.LocalityWeightedLbConfig": frozenset(),
     "envoy.type.v3.Percent": frozenset({"value"}),
     "envoy.config.cluster.v3.Cluster.RingHashLbConfig": frozenset({
         "minimum_ring_size", "maximum_ring_size", "hash_function"}),
@@ -477,6 +479,15 @@ def _priority_lb(msg: cluster_pb2.Cluster, path: str) -> dict[str, Any]:
             raise BadInput(f"{path}.common_lb_config.healthy_panic_threshold: need a percent "
                            f"from 0 to 100, got {value:g}")
         out["healthy_panic_threshold"] = float(math.floor(value + 0.5))
+    if common.HasField("locality_weighted_lb_config"):
+        if msg.lb_policy not in (cluster_pb2.Cluster.ROUND_ROBIN,
+                                 cluster_pb2.Cluster.LEAST_REQUEST,
+                                 cluster_pb2.Cluster.RANDOM):
+            raise BadInput(f"unsupported {path}.common_lb_config.locality_weighted_lb_config "
+                           "with lb_policy "
+                           f"{cluster_pb2.Cluster.LbPolicy.Name(msg.lb_policy)}: only "
+                           "ROUND_ROBIN, LEAST_REQUEST and RANDOM weigh localities here")
+        out["locality_weighted"] = True
     policy = msg.load_assignment.policy
     if policy.HasField("overprovisioning_factor"):
         factor = policy.overprovisioning_factor.value
@@ -600,7 +611,8 @@ def _cluster(msg: cluster_pb2.Cluster, path: str) -> Cluster:
                 weight=ep.load_balancing_weight.value if ep.HasField("load_balancing_weight")
                 else 1,
                 health_status=_HEALTH[ep.health_status],
-                locality=loc, priority=locality.priority, hostname=ep.endpoint.hostname))
+                locality=loc, priority=locality.priority, hostname=ep.endpoint.hostname,
+                locality_weight=locality.load_balancing_weight.value))
     if ctype == "ORIGINAL_DST" and endpoints:
         raise BadInput(f"{path}: an ORIGINAL_DST cluster takes no load_assignment")
     default, high = Thresholds(), Thresholds()

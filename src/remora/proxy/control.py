@@ -11,6 +11,7 @@ Must not: own sockets, format admin output (``admin_format``), or talk HTTP.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -118,10 +119,7 @@ def merge_cluster_status(per_worker: Iterable[list[ClusterStatus]]) -> list[Clus
                 key = (cs.name, h.address.address, h.address.port)
                 have = hosts.get(key)
                 if have is None:
-                    copy = HostStatus(address=h.address, stats=dict(h.stats),
-                                      health_flags=h.health_flags, weight=h.weight,
-                                      region=h.region, zone=h.zone, sub_zone=h.sub_zone,
-                                      priority=h.priority, hostname=h.hostname)
+                    copy = dataclasses.replace(h, stats=dict(h.stats))
                     hosts[key] = copy
                     merged.hosts.append(copy)
                 else:

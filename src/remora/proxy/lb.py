@@ -8,7 +8,8 @@ host as its share of ``minimum_ring_size``) and MAGLEV (the Maglev paper's looku
 Envoy's weighted fill), which pick by the request's hash (:mod:`remora.proxy.http.hashing`);
 priority levels (:class:`PriorityLb`: each level's health with the overprovisioning factor,
 the load spread over the levels, failover, and each level's "panic", when too few of its hosts
-are healthy and all of them are used); slow start (a new host's weight ramping up over a
+are healthy and all of them are used); locality weighting within a level
+(:class:`LocalityWeighted`); slow start (a new host's weight ramping up over a
 window, ROUND_ROBIN and LEAST_REQUEST); and weighted choice among clusters.
 Must not: know about sockets, clusters' configs or stats; randomness comes from an injected
 ``random.Random`` and time (slow start's only) from an injected clock, so tests are
@@ -19,7 +20,8 @@ References: Envoy docs ``arch_overview/upstream/load_balancing/load_balancers.rs
 ``source/common/upstream/load_balancer_impl.cc`` (behaviour, not code). ``ring_hash_lb.cc`` and
 ``maglev_lb.cc`` for the two tables and what a retry (``attempt``) does to the choice.
 Simplifications: degraded hosts count as healthy (Envoy gives them load only when the healthy
-ones cannot take it all), no locality weighting; RING_HASH hashes with XX_HASH
+ones cannot take it all); locality weighting with ROUND_ROBIN, LEAST_REQUEST and RANDOM only
+(Envoy's hashing balancers fold it into their tables); RING_HASH hashes with XX_HASH
 only (MURMUR_HASH_2 is refused at start-up) and keys hosts by address (not
 ``use_hostname_for_hashing``).
 """
@@ -66,6 +68,16 @@ class LbHost(Protocol):
     def priority(self) -> int: ...
 
     @property
+    def locality(self) -> tuple[str, str, str]:
+        """(region, zone, sub_zone)."""
+        ...
+
+    @property
+    def locality_weight(self) -> int:
+        """Its locality's ``load_balancing_weight`` (0: unset)."""
+        ...
+
+    @property
     def created(self) -> float:
         """When the host joined its cluster (the balancer's clock): slow start's origin."""
         ...
@@ -78,6 +90,7 @@ class LbHost(Protocol):
 
 
 H = TypeVar("H", bound=LbHost)
+T = TypeVar("T")
 
 
 def hosts_to_use(hosts: Sequence[H], panic_threshold: float = DEFAULT_PANIC_THRESHOLD,
@@ -99,11 +112,11 @@ def slow_start_factor(slow: SlowStart, age: float) -> float:
     return max(slow.min_weight_percent / 100.0, ramp)
 
 
-class _Edf(Generic[H]):
-    """Earliest-deadline-first: each host is due again ``1/weight`` after it was picked; the
-    smallest deadline wins, ties in insertion order."""
+class _Edf(Generic[T]):
+    """Earliest-deadline-first: each entry (a host, a locality) is due again ``1/weight``
+    after it was picked; the smallest deadline wins, ties in insertion order."""
 
-    def __init__(self, hosts: Sequence[H], weight: Callable[[H], float]) -> None:
+    def __init__(self, hosts: Sequence[T], weight: Callable[[T], float]) -> None:
         self._weight = weight
         self._now = 0.0
         self._seq = 0
@@ -112,13 +125,13 @@ class _Edf(Generic[H]):
         for i, h in enumerate(self._hosts):
             self._push(i, h)
 
-    def _push(self, index: int, host: H) -> None:
+    def _push(self, index: int, host: T) -> None:
         w = self._weight(host)
         heapq.heappush(self._heap, (self._now + 1.0 / w if w > 0 else float("inf"), self._seq,
                                     index))
         self._seq += 1
 
-    def pick(self) -> H | None:
+    def pick(self) -> T | None:
         if not self._heap:
             return None
         deadline, _, index = heapq.heappop(self._heap)
@@ -148,6 +161,10 @@ class LoadBalancer(Generic[H]):
         """Balance over exactly ``hosts`` (the caller has decided on panic: a priority level)."""
         self._hosts, self.panic = list(hosts), panic
         self._rebuild()
+
+    def assign_level(self, level: Sequence[H], panic: bool) -> None:
+        """Balance over a priority level: all its hosts in panic, else its healthy ones."""
+        self.assign(level if panic else [h for h in level if h.healthy], panic)
 
     def _rebuild(self) -> None:
         """Recompute per-set state after :meth:`update`."""
@@ -400,6 +417,55 @@ class Maglev(LoadBalancer[H]):
         return self._hosts[self._slots[h % self.table_size]]
 
 
+class LocalityWeighted(LoadBalancer[H]):
+    """One priority level under ``locality_weighted_lb_config`` (Istio's localityLbSetting
+    ``distribute``): a locality is picked first, by EDF over its effective weight
+    ``load_balancing_weight * min(1, overprovisioning * healthy / hosts)`` (a locality without
+    a weight takes nothing), then a host by the cluster's policy among its healthy hosts. A
+    level in panic, or with no locality left to pick, balances over its hosts as without
+    locality weighting."""
+
+    def __init__(self, make: Callable[[], LoadBalancer[H]], rng: random.Random,
+                 overprovisioning: int = DEFAULT_OVERPROVISIONING) -> None:
+        self._make = make
+        self.overprovisioning = overprovisioning
+        self._fallback = make()
+        self._localities: list[LoadBalancer[H]] = []
+        self._weights: list[float] = []
+        self._edf: _Edf[int] | None = None
+        super().__init__([], rng)
+
+    def assign_level(self, level: Sequence[H], panic: bool) -> None:
+        self._fallback.assign_level(level, panic)
+        self._hosts, self.panic = self._fallback.hosts, panic
+        self._localities, self._weights, self._edf = [], [], None
+        if panic:
+            return
+        groups: dict[tuple[str, str, str], list[H]] = {}
+        for h in level:
+            groups.setdefault(h.locality, []).append(h)
+        for hosts in groups.values():
+            healthy = [h for h in hosts if h.healthy]
+            share = min(1.0, self.overprovisioning / 100.0 * len(healthy) / len(hosts))
+            weight = hosts[0].locality_weight * share
+            if weight > 0:
+                lb = self._make()
+                lb.assign(healthy, False)
+                self._localities.append(lb)
+                self._weights.append(weight)
+        if self._localities:
+            weights = self._weights
+            self._edf = _Edf(list(range(len(weights))), lambda i: weights[i])
+
+    def pick(self, hash_key: int | None = None, attempt: int = 0) -> H | None:
+        edf = self._edf
+        if edf is None:
+            return self._fallback.pick(hash_key, attempt)
+        index = edf.pick()
+        assert index is not None
+        return self._localities[index].pick(hash_key, attempt)
+
+
 def priority_loads(levels: Sequence[Sequence[LbHost]],
                    overprovisioning: int = DEFAULT_OVERPROVISIONING,
                    panic_threshold: float = DEFAULT_PANIC_THRESHOLD,
@@ -488,7 +554,7 @@ class PriorityLb(Generic[H]):
             self.levels.append(self._make())
         del self.levels[len(groups):]
         for lb, group, panic in zip(self.levels, groups, self.panics, strict=True):
-            lb.assign(group if panic else [h for h in group if h.healthy], panic)
+            lb.assign_level(group, panic)
 
     @property
     def hosts(self) -> list[H]:
@@ -520,6 +586,7 @@ def make_lb(policy: LbPolicy, hosts: Sequence[H], rng: random.Random, *,
             maglev_table: int = DEFAULT_MAGLEV_TABLE,
             panic_threshold: float = DEFAULT_PANIC_THRESHOLD,
             overprovisioning: int = DEFAULT_OVERPROVISIONING,
+            locality_weighted: bool = False,
             slow_start: SlowStart | None = None,
             clock: Callable[[], float] | None = None,
             choice_count: int = DEFAULT_CHOICE_COUNT,
@@ -539,7 +606,10 @@ def make_lb(policy: LbPolicy, hosts: Sequence[H], rng: random.Random, *,
         if policy == "MAGLEV":
             return Maglev([], rng, table_size=maglev_table)
         return RoundRobin([], rng, slow_start=slow_start, clock=clock)
-    lb = PriorityLb(make, rng, panic_threshold=panic_threshold,
+
+    def make_level() -> LoadBalancer[H]:
+        return LocalityWeighted(make, rng, overprovisioning)
+    lb = PriorityLb(make_level if locality_weighted else make, rng, panic_threshold=panic_threshold,
                     overprovisioning=overprovisioning,
                     by_hash=policy in ("RING_HASH", "MAGLEV"))
     lb.update(hosts)

@@ -199,6 +199,9 @@ class LbEndpoint:
     locality: Locality = field(default_factory=Locality)
     priority: int = 0
     hostname: str = ""
+    # its LocalityLbEndpoints' load_balancing_weight (0: unset), read only with
+    # common_lb_config.locality_weighted_lb_config
+    locality_weight: int = 0
 
     @property
     def healthy(self) -> bool:
@@ -286,6 +289,7 @@ class Cluster:
     # load_assignment.policy.overprovisioning_factor
     healthy_panic_threshold: float = DEFAULT_PANIC_THRESHOLD
     overprovisioning_factor: int = DEFAULT_OVERPROVISIONING
+    locality_weighted: bool = False           # common_lb_config.locality_weighted_lb_config
     # round_robin_lb_config / least_request_lb_config
     slow_start: SlowStart | None = None
     choice_count: int = DEFAULT_CHOICE_COUNT

@@ -35,13 +35,15 @@ class HostStatus:
     sub_zone: str = ""
     priority: int = 0
     hostname: str = ""
+    locality_weight: int = 0                # its locality's load_balancing_weight (0: unset)
 
     @classmethod
     def of(cls, ep: LbEndpoint) -> HostStatus:
         flags = () if ep.healthy else ("/failed_eds_health",)
         return cls(address=ep.address, health_flags=flags, weight=ep.weight,
                    region=ep.locality.region, zone=ep.locality.zone,
-                   sub_zone=ep.locality.sub_zone, priority=ep.priority, hostname=ep.hostname)
+                   sub_zone=ep.locality.sub_zone, priority=ep.priority, hostname=ep.hostname,
+                   locality_weight=ep.locality_weight)
 
 
 @dataclass(slots=True)

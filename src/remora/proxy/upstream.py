@@ -66,11 +66,13 @@ class Host:
     """One upstream host of one cluster in one worker, with Envoy's per-host stats."""
 
     __slots__ = ("address", "address_text", "created", "family", "health_flags", "hostname",
-                 "locality", "priority", "sockaddr", "stats", "used", "weight")
+                 "locality", "locality_weight", "priority", "sockaddr", "stats", "used",
+                 "weight")
 
     def __init__(self, address: SocketAddress, *, weight: int = 1, healthy: bool = True,
                  hostname: str = "", locality: tuple[str, str, str] = ("", "", ""),
-                 priority: int = 0, created: float | None = None) -> None:
+                 priority: int = 0, created: float | None = None,
+                 locality_weight: int = 0) -> None:
         self.address = address
         self.address_text = str(address)       # for access logs, once
         self.family = platform.family_of(address)
@@ -80,6 +82,7 @@ class Host:
         self.hostname = hostname
         self.locality = locality
         self.priority = priority
+        self.locality_weight = locality_weight
         # when it joined the cluster (time.monotonic, the balancers' clock): slow start
         self.created = time.monotonic() if created is None else created
         self.stats = dict.fromkeys(HOST_STATS, 0)
@@ -90,7 +93,7 @@ class Host:
         loc = ep.locality
         return cls(address or ep.address, weight=ep.weight, healthy=ep.healthy,
                    hostname=ep.hostname, locality=(loc.region, loc.zone, loc.sub_zone),
-                   priority=ep.priority)
+                   priority=ep.priority, locality_weight=ep.locality_weight)
 
     @property
     def healthy(self) -> bool:
@@ -105,7 +108,7 @@ class Host:
         return HostStatus(address=self.address, stats=dict(self.stats),
                           health_flags=self.health_flags, weight=self.weight, region=region,
                           zone=zone, sub_zone=sub_zone, priority=self.priority,
-                          hostname=self.hostname)
+                          hostname=self.hostname, locality_weight=self.locality_weight)
 
 
 def _is_ip(text: str) -> bool:
@@ -168,7 +171,8 @@ class UpstreamCluster:
             config.lb_policy, [], rng, ring_min=config.ring_min_size,
             ring_max=config.ring_max_size, maglev_table=config.maglev_table_size,
             panic_threshold=config.healthy_panic_threshold,
-            overprovisioning=config.overprovisioning_factor, slow_start=config.slow_start,
+            overprovisioning=config.overprovisioning_factor,
+            locality_weighted=config.locality_weighted, slow_start=config.slow_start,
             clock=time.monotonic, choice_count=config.choice_count,
             active_request_bias=config.active_request_bias)
         self._tasks: list[asyncio.Task[None]] = []

@@ -71,14 +71,15 @@ def host_to_json(h: HostStatus) -> dict[str, Any]:
     return {"address": h.address.address, "port": h.address.port, "stats": h.stats,
             "health_flags": list(h.health_flags), "weight": h.weight, "region": h.region,
             "zone": h.zone, "sub_zone": h.sub_zone, "priority": h.priority,
-            "hostname": h.hostname}
+            "hostname": h.hostname, "locality_weight": h.locality_weight}
 
 
 def host_from_json(d: dict[str, Any]) -> HostStatus:
     return HostStatus(address=SocketAddress(address=d["address"], port=d["port"]),
                       stats=dict(d["stats"]), health_flags=tuple(d["health_flags"]),
                       weight=d["weight"], region=d["region"], zone=d["zone"],
-                      sub_zone=d["sub_zone"], priority=d["priority"], hostname=d["hostname"])
+                      sub_zone=d["sub_zone"], priority=d["priority"], hostname=d["hostname"],
+                      locality_weight=d["locality_weight"])
 
 
 # ---------------------------------------------------------------------------------- child

@@ -365,6 +365,14 @@ def test_config_dump_include_eds(snap: Snapshot, statuses: list[ClusterStatus]) 
                               statuses=statuses)
     assert configs[2]["static_endpoint_configs"][0]["endpoint_config"]["policy"] == {
         "overprovisioning_factor": 100}
+    # a locality's load_balancing_weight is shown with its group, as Envoy does
+    weighted = [dataclasses.replace(cs, hosts=[dataclasses.replace(h, locality_weight=7)
+                                               for h in cs.hosts]) for cs in statuses]
+    configs = fmt.config_dump(snap, last_updated=LOADED_AT, include_eds=True,
+                              statuses=weighted)
+    group = configs[2]["static_endpoint_configs"][0]["endpoint_config"]["endpoints"][0]
+    assert group["load_balancing_weight"] == 7
+    reprinted(fmt.render_config_dump(configs), config_dump_pb2.ConfigDump())
 
 
 def test_config_dump_resource(snap: Snapshot) -> None:

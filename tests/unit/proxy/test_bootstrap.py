@@ -188,6 +188,16 @@ def test_priority_levels_panic_threshold_and_overprovisioning() -> None:
     assert (got.healthy_panic_threshold, got.overprovisioning_factor) == (0.0, 100)
     assert compiled(common_lb_config={"healthy_panic_threshold": {"value": 32.5}}
                     ).healthy_panic_threshold == 33.0      # rounded, as Envoy does
+    # Istio's localityLbSetting distribute: locality weights, read with the config
+    weighted = assignment(0)
+    weighted["endpoints"][0]["load_balancing_weight"] = 80
+    weighted["endpoints"][1]["load_balancing_weight"] = 20
+    got = compiled(load_assignment=weighted, lb_policy="ROUND_ROBIN",
+                   common_lb_config={"locality_weighted_lb_config": {}})
+    assert got.locality_weighted and [e.locality_weight for e in got.endpoints] == [80, 20]
+    assert not default.locality_weighted
+    with pytest.raises(BadInput, match="locality_weighted_lb_config with lb_policy MAGLEV"):
+        compiled(lb_policy="MAGLEV", common_lb_config={"locality_weighted_lb_config": {}})
     for fields, needle in [
             ({"load_assignment": assignment(129)}, r"endpoints\[1\]\.priority: at most 128"),
             ({"common_lb_config": {"healthy_panic_threshold": {"value": 101}}},

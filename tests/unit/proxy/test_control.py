@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from remora.proxy.state import ClusterStatus, HostStatus
 from remora.proxy.stats import Stats, StatsSnapshot
 from remora.proxy.tcp import TcpProxyFilter, format_flags
 from remora.proxy.upstream import UpstreamCluster
+from remora.proxy.workers import host_from_json, host_to_json
 
 
 @pytest.fixture(autouse=True)
@@ -111,3 +113,12 @@ def test_command_line_options_use_envoy_names() -> None:
     assert got["concurrency"] == 2
     assert got["drain_time"] == "45s"
     assert got["base_id"] == "0"
+
+
+def test_host_status_crosses_the_worker_pipe_whole() -> None:
+    """Every HostStatus field survives the JSON the workers send the admin process."""
+    h = HostStatus(address=SocketAddress(address="10.0.0.1", port=80),
+                   stats={"rq_total": 3}, health_flags=("/failed_outlier_check",), weight=2,
+                   region="r", zone="z", sub_zone="s", priority=1, hostname="h",
+                   locality_weight=7)
+    assert host_from_json(json.loads(json.dumps(host_to_json(h)))) == h

@@ -33,6 +33,8 @@ class H:
     active_requests: int = 0
     priority: int = 0
     created: float = 0.0
+    locality: tuple[str, str, str] = ("", "", "")
+    locality_weight: int = 0
 
     @property
     def address_text(self) -> str:
@@ -381,3 +383,39 @@ def test_slow_start_without_a_window_open_changes_nothing() -> None:
                  clock=clock)
     assert lb.levels[0]._edf is None    # type: ignore[attr-defined]
     assert set(counts(lb, 400).values()) == {100}
+
+
+# ----------------------------------------------------------------- locality weighting
+
+@pytest.mark.parametrize(("x_healthy", "x_share"), [
+    # Envoy's locality_weight.rst: X weight 1, Y weight 2 and fully healthy
+    (100, 33), (70, 33), (69, 32), (50, 26), (25, 15), (0, 0)])
+@pytest.mark.parametrize("policy", ["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"])
+def test_locality_weights_match_envoys_table(policy: str, x_healthy: int,
+                                             x_share: int) -> None:
+    x = [H(f"x{i}", healthy=i < x_healthy, locality=("r", "x", ""), locality_weight=1)
+         for i in range(100)]
+    y = [H(f"y{i}", locality=("r", "y", ""), locality_weight=2) for i in range(100)]
+    lb = make_lb(policy, [*x, *y], random.Random(4),  # type: ignore[arg-type]
+                 locality_weighted=True)
+    picks = 6000
+    to_x = sum(1 for _ in range(picks) if lb.pick().name.startswith("x"))  # type: ignore[union-attr]
+    assert abs(100 * to_x / picks - x_share) < 1.0, to_x / picks
+    assert all(h.healthy for h in lb.hosts)
+
+
+def test_localities_without_weight_get_nothing_and_panic_ignores_localities() -> None:
+    a = [H("a0", locality=("r", "a", ""), locality_weight=3)]
+    b = [H("b0", locality=("r", "b", ""))]                   # no weight: no traffic
+    lb = make_lb("ROUND_ROBIN", [*a, *b], random.Random(1), locality_weighted=True)
+    assert set(counts(lb, 50)) == {"a0"}
+    # without locality weighting the weights are ignored
+    assert set(counts(make_lb("ROUND_ROBIN", [*a, *b], random.Random(1)), 50)) == {"a0", "b0"}
+    # a level in panic balances over all its hosts, localities aside
+    sick = [H(f"s{i}", healthy=i == 0, locality=("r", f"z{i}", ""), locality_weight=1)
+            for i in range(4)]
+    lb = make_lb("ROUND_ROBIN", sick, random.Random(1), locality_weighted=True)
+    assert lb.panic and set(counts(lb, 40)) == {"s0", "s1", "s2", "s3"}
+    # no weighted locality left: the level's healthy hosts, as without weighting
+    lb = make_lb("ROUND_ROBIN", b, random.Random(1), locality_weighted=True)
+    assert set(counts(lb, 10)) == {"b0"}
