@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,18 @@ def wait_ok(url: str, proc: subprocess.Popen[bytes], what: str, timeout: float =
     sys.exit(f"ab_http: {what} did not answer {url} within {timeout:.0f}s")
 
 
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each process group still running (last started first); SIGKILL after 10 s."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
 def cpu_ticks(pid: int) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])       # utime + stime
@@ -116,8 +129,9 @@ def load_rps(h2: bool, out: str) -> float:
 
 
 def one_run(port: int, pid: int, seconds: float, connections: int,
-            h2: bool = False) -> tuple[float, float]:
-    """(rps, µs of proxy CPU per request): the load for ``seconds``, CPU over its middle."""
+            h2: bool = False, ticks: Callable[[int], int] = cpu_ticks) -> tuple[float, float]:
+    """(rps, µs of proxy CPU per request): the load for ``seconds``, CPU over its middle
+    (``ticks``: the CPU clock ticks to count, by default the process's own)."""
     url = f"http://127.0.0.1:{port}/"
     subprocess.run(load_argv(h2, connections, 1, url), check=True, capture_output=True,
                    timeout=30)                                            # warm-up
@@ -125,9 +139,9 @@ def one_run(port: int, pid: int, seconds: float, connections: int,
                             text=True)
     window = seconds - 1.0
     time.sleep(0.5)             # (a timed window inside the run, not synchronisation)
-    a = cpu_ticks(pid)
+    a = ticks(pid)
     time.sleep(window)
-    b = cpu_ticks(pid)
+    b = ticks(pid)
     out, _ = load.communicate(timeout=seconds + 30)
     rps = load_rps(h2, out)
     return rps, (b - a) / CLK_TCK * 1e6 / (rps * window)
@@ -211,14 +225,7 @@ def main() -> None:
                 print(f"round {r + 1}: base {b[0]:8.0f} rps {b[1]:6.2f} µs/req   "
                       f"new {n[0]:8.0f} rps {n[1]:6.2f} µs/req", flush=True)
         finally:
-            for p in reversed(procs):
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGTERM)
-                    try:
-                        p.wait(timeout=10)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(p.pid, signal.SIGKILL)
-                        p.wait()
+            stop_all(procs)
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                             str(tree)], capture_output=True, timeout=60)
             subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"],

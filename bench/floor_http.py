@@ -34,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -53,23 +52,6 @@ def tree_ticks(pid: int) -> int:
         for child in (task / "children").read_text().split():
             total += tree_ticks(int(child))
     return total
-
-
-def one_run(port: int, pid: int, seconds: float) -> tuple[float, float]:
-    """(rps, µs of CPU per request): wrk -c50 for ``seconds``, CPU over its middle."""
-    url = f"http://127.0.0.1:{port}/"
-    subprocess.run(ab.load_argv(False, 50, 1, url), check=True, capture_output=True,
-                   timeout=30)                                            # warm-up
-    load = subprocess.Popen(ab.load_argv(False, 50, seconds, url), stdout=subprocess.PIPE,
-                            text=True)
-    window = seconds - 1.0
-    time.sleep(0.5)             # (a timed window inside the run, not synchronisation)
-    a = tree_ticks(pid)
-    time.sleep(window)
-    b = tree_ticks(pid)
-    out, _ = load.communicate(timeout=seconds + 30)
-    rps = ab.load_rps(False, out)
-    return rps, (b - a) / ab.CLK_TCK * 1e6 / (rps * window)
 
 
 def compile_floor(into: Path) -> None:
@@ -159,19 +141,13 @@ def main() -> None:
             for r in range(args.rounds):
                 for name in (names if r % 2 == 0 else names[::-1]):
                     port, proc = targets[name]
-                    results[name].append(one_run(port, proc.pid, args.seconds))
+                    results[name].append(ab.one_run(port, proc.pid, args.seconds, 50,
+                                                       ticks=tree_ticks))
                 print(f"round {r + 1}: " + "   ".join(
                     f"{n} {results[n][-1][0]:.0f} rps {results[n][-1][1]:.1f} µs/req"
                     for n in names), flush=True)
         finally:
-            for p in reversed(procs):
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGTERM)
-                    try:
-                        p.wait(timeout=10)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(p.pid, signal.SIGKILL)
-                        p.wait()
+            ab.stop_all(procs)
     rps = {n: statistics.median(x[0] for x in v) for n, v in results.items()}
     cpu = {n: statistics.median(x[1] for x in v) for n, v in results.items()}
     print(f"\nmedians of {args.rounds} rounds, wrk -t1 -c50, one worker each:")

@@ -422,6 +422,14 @@ def _is_prime(n: int) -> bool:
     return True
 
 
+def _percent(msg: Any, path: str) -> float:
+    """An ``envoy.type.v3.Percent``: 0 to 100."""
+    value = float(msg.value)
+    if not 0.0 <= value <= 100.0:
+        raise BadInput(f"{path}: need a percent from 0 to 100, got {value:g}")
+    return value
+
+
 def _slow_start(msg: Any, path: str) -> SlowStart | None:
     """``slow_start_config`` (Envoy's bounds; a runtime key has no runtime here to read, so
     the default value applies, as in Envoy without that key)."""
@@ -435,10 +443,8 @@ def _slow_start(msg: Any, path: str) -> SlowStart | None:
             raise BadInput(f"{path}.slow_start_config.aggression: must be above 0")
     minimum = 10.0
     if msg.HasField("min_weight_percent"):
-        minimum = float(msg.min_weight_percent.value)
-        if not 0.0 <= minimum <= 100.0:
-            raise BadInput(f"{path}.slow_start_config.min_weight_percent: need a percent "
-                           f"from 0 to 100, got {minimum:g}")
+        minimum = _percent(msg.min_weight_percent,
+                           f"{path}.slow_start_config.min_weight_percent")
     return SlowStart(window=window, aggression=aggression, min_weight_percent=minimum)
 
 
@@ -474,10 +480,8 @@ def _priority_lb(msg: cluster_pb2.Cluster, path: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     common = msg.common_lb_config
     if common.HasField("healthy_panic_threshold"):
-        value = common.healthy_panic_threshold.value
-        if not 0.0 <= value <= 100.0:
-            raise BadInput(f"{path}.common_lb_config.healthy_panic_threshold: need a percent "
-                           f"from 0 to 100, got {value:g}")
+        value = _percent(common.healthy_panic_threshold,
+                         f"{path}.common_lb_config.healthy_panic_threshold")
         out["healthy_panic_threshold"] = float(math.floor(value + 0.5))
     if common.HasField("locality_weighted_lb_config"):
         if msg.lb_policy not in (cluster_pb2.Cluster.ROUND_ROBIN,
