@@ -238,7 +238,8 @@ class RoundRobin(_SlowStarting[H]):
             self._edf = _Edf(self._hosts, lambda h: h.weight * self._scale(h))
         elif not _equal_weights(self._hosts):
             self._edf = _Edf(self._hosts, lambda h: float(h.weight))
-            for _ in range(self.rng.randrange(n)):
+        if self._edf is not None:
+            for _ in range(self.rng.randrange(n)):     # a random start here too
                 self._edf.pick()
 
     def pick(self, hash_key: int | None = None, attempt: int = 0) -> H | None:
