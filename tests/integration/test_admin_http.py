@@ -79,6 +79,12 @@ class FakeControl:
         self.calls.append(("reset_counters",))
         self.counters = dict.fromkeys(self.counters, 0)
 
+    def reopen_logs(self) -> None:
+        self.calls.append(("reopen_logs",))
+
+    def memory(self) -> dict[str, int]:
+        return {"allocated": 3 << 20, "heap_size": 4 << 20, "total_physical_bytes": 5 << 20}
+
     def loggers(self) -> dict[str, str]:
         return dict(self.levels)
 
@@ -251,6 +257,20 @@ def test_stats_endpoints() -> None:
     run(go)
 
 
+def test_reopen_logs_and_memory() -> None:
+    async def go(control: FakeControl) -> None:
+        async with serving(control) as server:
+            r = await request(server, "POST", "/reopen_logs")
+            assert (r.status, r.text) == (200, "OK\n")
+            r = await request(server, "GET", "/memory")
+            assert r.status == 200 and r.headers["content-type"] == "application/json"
+            assert json.loads(r.text) == {
+                "allocated": "3145728", "heap_size": "4194304", "pageheap_unmapped": "0",
+                "pageheap_free": "0", "total_thread_cache": "0",
+                "total_physical_bytes": "5242880"}
+    assert run(go).calls == [("reopen_logs",)]
+
+
 def test_ready_and_healthcheck() -> None:
     async def go(control: FakeControl) -> None:
         async with serving(control) as server:
@@ -268,7 +288,8 @@ def test_ready_and_healthcheck() -> None:
 
 
 @pytest.mark.parametrize("path", ["/quitquitquit", "/healthcheck/fail", "/healthcheck/ok",
-                                  "/drain_listeners", "/reset_counters", "/logging"])
+                                  "/drain_listeners", "/reset_counters", "/logging",
+                                  "/reopen_logs"])
 def test_mutating_endpoints_refuse_get(path: str) -> None:
     async def go(control: FakeControl) -> None:
         async with serving(control) as server:

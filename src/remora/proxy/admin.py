@@ -329,6 +329,9 @@ class AdminApi:
     def help(self, _: Request, __: dict[str, str]) -> Response:
         return Response(200, fmt.render_help())
 
+    def memory(self, _: Request, __: dict[str, str]) -> Response:
+        return Response(200, fmt.proto_json(fmt.memory_json(self.control.memory())), JSON)
+
     # -- mutating (POST only)
 
     def quit(self, _: Request, __: dict[str, str]) -> Response:
@@ -350,6 +353,10 @@ class AdminApi:
 
     def reset_counters(self, _: Request, __: dict[str, str]) -> Response:
         self.control.reset_counters()
+        return Response(200, "OK\n")
+
+    def reopen_logs(self, _: Request, __: dict[str, str]) -> Response:
+        self.control.reopen_logs()
         return Response(200, "OK\n")
 
     def logging(self, _: Request, params: dict[str, str]) -> Response:
@@ -409,8 +416,10 @@ _ROUTES: dict[str, Handler] = {
     "/help": AdminApi.help,
     "/listeners": AdminApi.listeners,
     "/logging": AdminApi.logging,
+    "/memory": AdminApi.memory,
     "/quitquitquit": AdminApi.quit,
     "/ready": AdminApi.ready,
+    "/reopen_logs": AdminApi.reopen_logs,
     "/reset_counters": AdminApi.reset_counters,
     "/server_info": AdminApi.server_info,
     "/stats": AdminApi.stats,

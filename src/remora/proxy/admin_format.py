@@ -955,8 +955,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                        "<logger_name1>:<desired_level1>,<logger_name2>:<desired_level2>."),
         Param("level", "desired logging level, this will change all loggers's level",
               ("", *LOG_LEVELS)))),
+    Endpoint("/memory", "print current allocation/heap usage"),
     Endpoint("/quitquitquit", "exit the server", post=True),
     Endpoint("/ready", "print server state, return 200 if LIVE, otherwise return 503"),
+    Endpoint("/reopen_logs", "reopen access logs", post=True),
     Endpoint("/reset_counters", "reset all counters to zero", post=True),
     Endpoint("/server_info", "print server version/status information"),
     Endpoint("/stats", "print server stats", params=(
@@ -965,6 +967,14 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("/stats/prometheus", "print server stats in prometheus format",
              params=(_USEDONLY, _FILTER)),
 )
+
+
+def memory_json(usage: Mapping[str, int]) -> dict[str, JsonValue]:
+    """``envoy.admin.v3.Memory``, fields in proto order, uint64 as JSON strings (proto3 JSON),
+    every field printed; the tcmalloc-only ones are 0 (no tcmalloc here)."""
+    return {name: str(usage.get(name, 0)) for name in (
+        "allocated", "heap_size", "pageheap_unmapped", "pageheap_free", "total_thread_cache",
+        "total_physical_bytes")}
 
 
 def render_help(endpoints: Sequence[Endpoint] = ENDPOINTS) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -94,6 +95,25 @@ def total_connections(stats: StatsSnapshot) -> int:
                if k.startswith("listener.") and k.endswith(".downstream_cx_active"))
 
 
+def memory_usage(pids: Iterable[int]) -> dict[str, int]:
+    """``GET /memory``'s numbers for processes with no tcmalloc, summed over ``pids`` from
+    /proc/PID/status: ``allocated`` the private anonymous memory in RAM (RssAnon: the
+    interpreter's heap and objects), ``heap_size`` the data segment (VmData), and
+    ``total_physical_bytes`` all resident memory (VmRSS). A process gone meanwhile counts 0."""
+    keys = {"RssAnon:": "allocated", "VmData:": "heap_size", "VmRSS:": "total_physical_bytes"}
+    out = dict.fromkeys(keys.values(), 0)
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    fields = line.split()       # "VmRSS:", "43339", "kB"
+                    if len(fields) >= 2 and fields[0] in keys:
+                        out[keys[fields[0]]] += int(fields[1]) * 1024
+        except OSError:
+            continue
+    return out
+
+
 #: Gauges every worker holds a copy of (cluster membership): merged by max, not summed.
 SHARED_GAUGE_SUFFIXES = (".membership_total", ".membership_healthy")
 
@@ -153,6 +173,13 @@ class ControlBase:
     def healthcheck(self, fail: bool) -> None:
         self.health_failed = fail
 
+    def pids(self) -> list[int]:
+        """The proxy's processes (this one; a supervisor adds its workers)."""
+        return [os.getpid()]
+
+    def memory(self) -> dict[str, int]:
+        return memory_usage(self.pids())
+
     def loggers(self) -> dict[str, str]:
         return loggers()
 
@@ -198,3 +225,6 @@ class LocalControl(ControlBase):
 
     def reset_counters(self) -> None:
         self._w().reset_counters()
+
+    def reopen_logs(self) -> None:
+        self._w().reopen_logs()

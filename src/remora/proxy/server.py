@@ -476,6 +476,11 @@ class Worker:
     def cluster_status(self) -> list[ClusterStatus]:
         return [c.status() for c in self.clusters.values()]
 
+    def reopen_logs(self) -> None:
+        """``POST /reopen_logs``: the access logs' files opened anew (after rotation)."""
+        for path in self.http.writers.reopen():
+            log.warning("cannot reopen access log %s: keeping the old file", path)
+
     def reset_counters(self) -> None:
         self.flush_stats()   # what open connections relayed so far is before the reset
         self.stats.reset_counters()

@@ -82,6 +82,15 @@ class ProxyControl(Protocol):
 
     def reset_counters(self) -> None: ...
 
+    def reopen_logs(self) -> None:
+        """Every worker's access-log files opened anew (log rotation)."""
+        ...
+
+    def memory(self) -> dict[str, int]:
+        """``allocated``, ``heap_size``, ``total_physical_bytes`` of all the proxy's
+        processes, in bytes."""
+        ...
+
     def loggers(self) -> dict[str, str]:
         """Logger name → level (Envoy level names: trace debug info warning error critical
         off)."""

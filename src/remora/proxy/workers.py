@@ -4,11 +4,12 @@ answers the admin API for all of them.
 Owns: forking the workers (each builds its own :class:`~remora.proxy.server.Worker`, binds its
 own ``SO_REUSEPORT`` sockets while still root, drops privileges and runs its own event loop),
 the control channel (JSON lines over a socketpair: the worker's ``ready``/``error`` line, then
-request/reply by id: ``stats``, ``clusters``, ``reset_counters``, ``drain_listeners``,
-``set_log_level``, ``quit``), the supervision (a ``pidfd`` per worker; a worker that exits on
-its own stops the proxy with exit code 1; stopping is SIGTERM, a grace period, SIGKILL, and
-every child is always reaped) and :class:`SupervisorControl`, the ProxyControl that asks each
-worker and merges their stats (:func:`remora.proxy.stats.merge`) and host status.
+request/reply by id: ``stats``, ``clusters``, ``reset_counters``, ``reopen_logs``,
+``drain_listeners``, ``set_log_level``, ``quit``), the supervision (a ``pidfd`` per worker; a
+worker that exits on its own stops the proxy with exit code 1; stopping is SIGTERM, a grace
+period, SIGKILL, and every child is always reaped) and :class:`SupervisorControl`, the
+ProxyControl that asks each worker and merges their stats (:func:`remora.proxy.stats.merge`)
+and host status.
 Must not: parse flags or the bootstrap, accept connections, or run admin HTTP itself (the
 caller passes a starter).
 
@@ -94,6 +95,9 @@ def _answer(worker: Worker, req: dict[str, Any]) -> dict[str, Any]:
                              for c in worker.cluster_status()]}
     if op == "reset_counters":
         worker.reset_counters()
+        return {}
+    if op == "reopen_logs":
+        worker.reopen_logs()
         return {}
     if op == "drain_listeners":
         worker.drain_listeners(inbound_only=bool(req["inbound_only"]),
@@ -347,6 +351,12 @@ class SupervisorControl(ctl.ControlBase):
 
     def reset_counters(self) -> None:
         self._ask("reset_counters")
+
+    def reopen_logs(self) -> None:
+        self._ask("reopen_logs")
+
+    def pids(self) -> list[int]:
+        return [os.getpid(), *(h.pid for h in self.handles if h.alive)]
 
     def set_log_level(self, logger: str | None, level: str) -> None:
         ctl.set_log_level(logger, level)   # validates (KeyError / ValueError) first

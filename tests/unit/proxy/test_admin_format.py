@@ -25,6 +25,7 @@ from envoy.admin.v3 import (
     config_dump_pb2,
     config_dump_shared_pb2,  # noqa: F401
     listeners_pb2,
+    memory_pb2,
     server_info_pb2,
 )
 from envoy.config.endpoint.v3 import endpoint_pb2  # noqa: F401
@@ -534,7 +535,19 @@ def test_help() -> None:
     assert "      format: File format to use; One of (text, json)" in lines
     paths = [ln.split()[0].rstrip(":") for ln in lines[1:] if ln.startswith("  /")]
     assert paths == sorted(paths)
+    assert "  /memory: print current allocation/heap usage" in lines
+    assert "  /reopen_logs (POST): reopen access logs" in lines
     check_golden("help.txt", text)
+
+
+def test_memory_json() -> None:
+    """``envoy.admin.v3.Memory``: every field, in proto order, uint64 as strings."""
+    text = fmt.proto_json(fmt.memory_json({"allocated": 5, "heap_size": 7,
+                                           "total_physical_bytes": 9}))
+    assert text == ('{\n "allocated": "5",\n "heap_size": "7",\n "pageheap_unmapped": "0",\n'
+                    ' "pageheap_free": "0",\n "total_thread_cache": "0",\n'
+                    ' "total_physical_bytes": "9"\n}\n')
+    reprinted(text, memory_pb2.Memory(), always=True)
 
 
 # ------------------------------------------------------------------------------ proto-JSON

@@ -1186,6 +1186,24 @@ class AccessLogWriter:
                 return
             view = view[n:]
 
+    def reopen(self) -> bool:
+        """``POST /reopen_logs`` (after log rotation): flush to the old file, then write to a
+        file opened anew at :attr:`path`. If it cannot be opened the old one is kept (False).
+        stdout and stderr are left as they are."""
+        if self.closed or not self._owns_fd:
+            return True
+        self.flush()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                         0o644)
+        except OSError:
+            self.write_errors += 1
+            return False
+        old, self._fd = self._fd, fd
+        with contextlib.suppress(OSError):
+            os.close(old)
+        return True
+
     def arm(self, loop: Any) -> None:
         """Flush every ``flush_interval`` on ``loop`` (anything with asyncio's ``call_later``)
         until closed."""
@@ -1238,6 +1256,10 @@ class AccessLogWriters:
     def flush(self) -> None:
         for w in self.writers.values():
             w.flush()
+
+    def reopen(self) -> list[str]:
+        """Reopen every file destination; the paths that could not be reopened."""
+        return [w.path for w in self.writers.values() if not w.reopen()]
 
     def close(self) -> None:
         for w in self.writers.values():

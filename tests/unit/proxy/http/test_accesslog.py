@@ -464,6 +464,33 @@ def test_writer_flush_policy(tmp_path: Path) -> None:
     assert path.read_bytes().endswith(b"five\n")
 
 
+def test_writer_reopen_after_rotation_and_when_the_path_cannot_be_opened(
+        tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    path = logs / "access.log"
+    writers = al.AccessLogWriters(clock=FakeClock())
+    w = writers.get("file", str(path))
+    w.write("before\n")
+    path.rename(logs / "access.log.1")
+    assert writers.reopen() == []
+    w.write("after\n")
+    w.flush()
+    assert (logs / "access.log.1").read_text() == "before\n"     # flushed to the old file
+    assert path.read_text() == "after\n"
+    # the directory gone: the old file is kept, nothing is lost
+    (logs / "access.log.1").unlink()
+    path.rename(tmp_path / "kept.log")
+    logs.rmdir()
+    w.write("still\n")
+    assert writers.reopen() == [str(path)] and w.write_errors == 1
+    w.write("more\n")
+    w.close()
+    assert (tmp_path / "kept.log").read_text() == "after\nstill\nmore\n"
+    out = al.AccessLogWriters().get("stdout", "/dev/stdout")
+    assert out.reopen()                                           # stdout: left as it is
+
+
 def test_writers_share_a_path_and_loggers_log(tmp_path: Path) -> None:
     path = str(tmp_path / "shared.log")
     clock = FakeClock()
