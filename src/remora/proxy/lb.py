@@ -215,15 +215,11 @@ class _SlowStarting(LoadBalancer[H]):
             return 1.0
         return slow_start_factor(slow, clock() - host.created)
 
-    def _slow_over(self) -> bool:
-        """Every window has passed since the EDF was built for them: rebuild plainly."""
-        if self._slow_until == -math.inf:
-            return False
+    def _slow_over(self) -> None:
+        """Once every window has passed since the EDF was built for them: rebuild plainly."""
         assert self.clock is not None
-        if self.clock() < self._slow_until:
-            return False
-        self._rebuild()
-        return True
+        if self.clock() >= self._slow_until:
+            self._rebuild()
 
 
 class RoundRobin(_SlowStarting[H]):
@@ -475,20 +471,18 @@ def priority_loads(levels: Sequence[Sequence[LbHost]],
     priority level (index = priority; a level may be empty).
 
     A level's health is ``min(100, overprovisioning * healthy // hosts)`` (140 %: a level
-    with at least 71.5 % of its hosts healthy takes all it is given); the levels' healths,
-    summed and capped at 100, are the normalized total health (NTH). Each level in turn takes
-    ``health * 100 // NTH`` of what is left; the rounding remainder goes to the first level
-    with health. While NTH is 100 no level panics; below it, a level with fewer than
+    with at least 5/7, about 71.4 %, of its hosts healthy takes all it is given); the levels'
+    healths, summed and capped at 100, are the normalized total health (NTH). Each level in
+    turn takes ``health * 100 // NTH`` of what is left; the rounding remainder goes to the
+    first level with health. While NTH is 100 no level panics; below it, a level with fewer than
     ``panic_threshold`` percent of its hosts healthy panics (all its hosts are used), and when
     every level panics the traffic is spread by the levels' host counts instead. With no
     healthy host anywhere and a threshold of 0, P0 is given everything and has nothing to
     pick ("no healthy upstream")."""
     n = len(levels)
-    health = []
-    for hosts in levels:
-        total = len(hosts)
-        healthy = sum(1 for h in hosts if h.healthy)
-        health.append(min(100, overprovisioning * healthy // total) if total else 0)
+    healthy = [sum(1 for h in hosts if h.healthy) for hosts in levels]
+    health = [min(100, overprovisioning * ok // len(hosts)) if hosts else 0
+              for hosts, ok in zip(levels, healthy, strict=True)]
     nth = min(100, sum(health))
     loads = [0] * n
     panics = [False] * n
@@ -507,8 +501,7 @@ def priority_loads(levels: Sequence[Sequence[LbHost]],
     if nth == 100:
         return loads, panics
     for i, hosts in enumerate(levels):
-        healthy = sum(1 for h in hosts if h.healthy)
-        panics[i] = 100.0 * healthy < panic_threshold * len(hosts) if hosts \
+        panics[i] = 100.0 * healthy[i] < panic_threshold * len(hosts) if hosts \
             else panic_threshold > 0
     if all(panics):
         total_hosts = sum(len(hosts) for hosts in levels)
