@@ -474,7 +474,7 @@ def _lb_config(msg: cluster_pb2.Cluster, lb: LbPolicy, path: str) -> dict[str, A
     return out
 
 
-def _priority_lb(msg: cluster_pb2.Cluster, path: str) -> dict[str, Any]:
+def _priority_lb(msg: cluster_pb2.Cluster, lb: LbPolicy, path: str) -> dict[str, Any]:
     """``common_lb_config.healthy_panic_threshold`` (a percent, rounded to a whole one as
     Envoy does) and ``load_assignment.policy.overprovisioning_factor`` → the model's."""
     out: dict[str, Any] = {}
@@ -484,13 +484,10 @@ def _priority_lb(msg: cluster_pb2.Cluster, path: str) -> dict[str, Any]:
                          f"{path}.common_lb_config.healthy_panic_threshold")
         out["healthy_panic_threshold"] = float(math.floor(value + 0.5))
     if common.HasField("locality_weighted_lb_config"):
-        if msg.lb_policy not in (cluster_pb2.Cluster.ROUND_ROBIN,
-                                 cluster_pb2.Cluster.LEAST_REQUEST,
-                                 cluster_pb2.Cluster.RANDOM):
+        if lb not in ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"):
             raise BadInput(f"unsupported {path}.common_lb_config.locality_weighted_lb_config "
-                           "with lb_policy "
-                           f"{cluster_pb2.Cluster.LbPolicy.Name(msg.lb_policy)}: only "
-                           "ROUND_ROBIN, LEAST_REQUEST and RANDOM weigh localities here")
+                           f"with lb_policy {lb}: only ROUND_ROBIN, LEAST_REQUEST and RANDOM "
+                           "weigh localities here")
         out["locality_weighted"] = True
     policy = msg.load_assignment.policy
     if policy.HasField("overprovisioning_factor"):
@@ -648,7 +645,7 @@ def _cluster(msg: cluster_pb2.Cluster, path: str) -> Cluster:
         if msg.HasField("outlier_detection") else None,
         **_http_options(msg, path),
         **_hash_lb(msg, path),
-        **_priority_lb(msg, path),
+        **_priority_lb(msg, lb, path),
         **_lb_config(msg, lb, path),
     )
 
