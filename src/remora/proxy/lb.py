@@ -535,6 +535,7 @@ class PriorityLb(Generic[H]):
         self.levels: list[LoadBalancer[H]] = [make()]
         self.loads: list[int] = [100]
         self.panics: list[bool] = [False]
+        self.picked_in_panic = False        # the last pick's level was in panic
 
     def update(self, hosts: Sequence[H]) -> None:
         groups: list[list[H]] = [[]]
@@ -549,6 +550,7 @@ class PriorityLb(Generic[H]):
         del self.levels[len(groups):]
         for lb, group, panic in zip(self.levels, groups, self.panics, strict=True):
             lb.assign_level(group, panic)
+        self.picked_in_panic = self.panics[0]   # (one level: what every pick will be)
 
     @property
     def hosts(self) -> list[H]:
@@ -568,10 +570,12 @@ class PriorityLb(Generic[H]):
         h = hash_key if self.by_hash and hash_key is not None else self.rng.getrandbits(64)
         point = h % 100 + 1
         reached = 0
-        for lb, load in zip(levels, self.loads, strict=True):
+        for i, load in enumerate(self.loads):
             reached += load
             if point <= reached:
-                return lb.pick(hash_key, attempt)
+                self.picked_in_panic = self.panics[i]
+                return levels[i].pick(hash_key, attempt)
+        self.picked_in_panic = self.panics[0]
         return levels[0].pick(hash_key, attempt)
 
 

@@ -46,6 +46,7 @@ EXTRA_CLUSTER_STATS: tuple[tuple[str, Kind], ...] = (
     ("upstream_rq_total", "counter"), ("upstream_rq_active", "gauge"),
     ("upstream_flow_control_paused_reading_total", "counter"),
     ("upstream_flow_control_resumed_reading_total", "counter"),
+    ("lb_healthy_panic", "counter"),     # hosts chosen from a priority level in panic
 )
 
 Resolver = Callable[[str, int, int], list[tuple[int, str]]]
@@ -280,7 +281,10 @@ class UpstreamCluster:
                 self._membership()
             host.used = True
             return host
-        return self.lb.pick(hash_key, attempt)
+        host = self.lb.pick(hash_key, attempt)
+        if self.lb.picked_in_panic and host is not None:
+            self.stats.inc(self._s["lb_healthy_panic"])
+        return host
 
     # ----------------------------------------------------------------------- connecting
 

@@ -50,6 +50,22 @@ def test_a_cluster_passes_its_lb_settings_to_its_balancer() -> None:
     assert {c.pick(None).address for _ in range(5)} == {addr("10.0.0.2")}  # type: ignore[union-attr]
 
 
+def test_picks_in_panic_are_counted() -> None:
+    """Envoy's ``lb_healthy_panic``: hosts chosen from a level in panic (here 1 of 3 healthy,
+    under the 50 % threshold: every host is used)."""
+    stats = Stats()
+    eps = (LbEndpoint(address=addr("10.0.0.1")),
+           LbEndpoint(address=addr("10.0.0.2"), health_status="UNHEALTHY"),
+           LbEndpoint(address=addr("10.0.0.3"), health_status="UNHEALTHY"))
+    c = UpstreamCluster(Cluster(name="c", endpoints=eps), stats, random.Random(0))
+    assert {c.pick(None).address for _ in range(6)} == {  # type: ignore[union-attr]
+        addr("10.0.0.1"), addr("10.0.0.2"), addr("10.0.0.3")}
+    assert stats.counters["cluster.c.lb_healthy_panic"] == 6
+    calm = UpstreamCluster(Cluster(name="d", endpoints=eps[:1]), stats, random.Random(0))
+    calm.pick(None)
+    assert stats.counters["cluster.d.lb_healthy_panic"] == 0
+
+
 def test_empty_cluster_has_no_host() -> None:
     c = UpstreamCluster(Cluster(name="BlackHoleCluster"), Stats(), random.Random(0))
     assert c.pick(addr("1.2.3.4")) is None
