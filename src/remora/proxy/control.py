@@ -115,7 +115,7 @@ def memory_usage(pids: Iterable[int]) -> dict[str, int]:
 
 
 #: Gauges every worker holds a copy of (cluster membership): merged by max, not summed.
-SHARED_GAUGE_SUFFIXES = (".membership_total", ".membership_healthy")
+SHARED_GAUGE_SUFFIXES = (".membership_total", ".membership_healthy", ".membership_degraded")
 
 
 def merge_workers(snaps: list[StatsSnapshot]) -> StatsSnapshot:

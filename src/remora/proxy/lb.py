@@ -19,8 +19,8 @@ References: Envoy docs ``arch_overview/upstream/load_balancing/load_balancers.rs
 ``priority.rst``, ``overprovisioning.rst``, ``panic_threshold.rst`` and ``slow_start.rst``;
 ``source/common/upstream/load_balancer_impl.cc`` (behaviour, not code). ``ring_hash_lb.cc`` and
 ``maglev_lb.cc`` for the two tables and what a retry (``attempt``) does to the choice.
-Simplifications: degraded hosts count as healthy (Envoy gives them load only when the healthy
-ones cannot take it all); locality weighting with ROUND_ROBIN, LEAST_REQUEST and RANDOM only
+Simplifications: degraded hosts are not picked by locality (Envoy weighs their localities as
+it does the healthy ones'); locality weighting with ROUND_ROBIN, LEAST_REQUEST and RANDOM only
 (Envoy's hashing balancers fold it into their tables); RING_HASH hashes with XX_HASH
 only (MURMUR_HASH_2 is refused at start-up) and keys hosts by address (not
 ``use_hostname_for_hashing``).
@@ -60,6 +60,11 @@ class LbHost(Protocol):
 
     @property
     def healthy(self) -> bool: ...
+
+    @property
+    def degraded(self) -> bool:
+        """Available, but only for what the healthy hosts cannot take (EDS DEGRADED)."""
+        ...
 
     @property
     def active_requests(self) -> int: ...
@@ -463,50 +468,70 @@ class LocalityWeighted(LoadBalancer[H]):
         return self._localities[index].pick(hash_key, attempt)
 
 
+def _spread(loads: list[int], shares: Sequence[int], total: int, nth: int) -> tuple[int, int]:
+    """Envoy's ``distributeLoad``: each level in turn takes ``share * 100 // nth`` of what is
+    left of ``total``; (the first level with a share or -1, what is left)."""
+    first = -1
+    for i, share in enumerate(shares):
+        if first < 0 and share > 0:
+            first = i
+        loads[i] = min(total, share * 100 // nth)
+        total -= loads[i]
+    return first, total
+
+
 def priority_loads(levels: Sequence[Sequence[LbHost]],
                    overprovisioning: int = DEFAULT_OVERPROVISIONING,
                    panic_threshold: float = DEFAULT_PANIC_THRESHOLD,
-                   ) -> tuple[list[int], list[bool]]:
-    """Envoy's share of the traffic (whole percents adding up to 100) and panic flag for each
-    priority level (index = priority; a level may be empty).
+                   ) -> tuple[list[int], list[int], list[bool]]:
+    """Envoy's shares of the traffic for each priority level (index = priority; a level may
+    be empty), in whole percents adding up to 100: to its healthy hosts, to its degraded hosts,
+    and whether the level panics.
 
     A level's health is ``min(100, overprovisioning * healthy // hosts)`` (140 %: a level
-    with at least 5/7, about 71.4 %, of its hosts healthy takes all it is given); the levels'
-    healths, summed and capped at 100, are the normalized total health (NTH). Each level in
-    turn takes ``health * 100 // NTH`` of what is left; the rounding remainder goes to the
-    first level with health. While NTH is 100 no level panics; below it, a level with fewer than
-    ``panic_threshold`` percent of its hosts healthy panics (all its hosts are used), and when
-    every level panics the traffic is spread by the levels' host counts instead. With no
-    healthy host anywhere and a threshold of 0, P0 is given everything and has nothing to
-    pick ("no healthy upstream")."""
+    with at least 5/7, about 71.4 %, of its hosts healthy takes all it is given), its degraded
+    availability the same of its degraded hosts; all of them, summed and capped at 100, are the
+    normalized total availability (NTA). Each level in turn takes ``health * 100 // NTA`` of
+    what is left for its healthy hosts; what is still left goes the same way to the degraded
+    hosts, and a rounding remainder to the first level with health (else with degraded hosts).
+    While NTA is 100 no level panics; below it, a level with fewer than ``panic_threshold``
+    percent of its hosts healthy or degraded panics (all its hosts are used), and when every
+    level panics the traffic is spread by the levels' host counts instead. With nothing
+    available anywhere and a threshold of 0, P0 is given everything and has nothing to pick
+    ("no healthy upstream")."""
     n = len(levels)
     healthy = [sum(1 for h in hosts if h.healthy) for hosts in levels]
+    degraded = [sum(1 for h in hosts if h.degraded) for hosts in levels]
     health = [min(100, overprovisioning * ok // len(hosts)) if hosts else 0
               for hosts, ok in zip(levels, healthy, strict=True)]
-    nth = min(100, sum(health))
+    degraded_health = [min(100, overprovisioning * d // len(hosts)) if hosts else 0
+                       for hosts, d in zip(levels, degraded, strict=True)]
+    nta = min(100, sum(health) + sum(degraded_health))
     loads = [0] * n
+    degraded_loads = [0] * n
     panics = [False] * n
-    if nth > 0:
-        left = 100
-        first = -1
-        for i in range(n):
-            if first < 0 and health[i] > 0:
-                first = i
-            loads[i] = min(left, health[i] * 100 // nth)
-            left -= loads[i]
-        loads[first] += left
+    if nta > 0:
+        first, left = _spread(loads, health, 100, nta)
+        first_degraded, left = _spread(degraded_loads, degraded_health, left, nta)
+        if left:
+            if first >= 0:
+                loads[first] += left
+            else:
+                degraded_loads[first_degraded] += left
     elif panic_threshold <= 0:
         loads[0] = 100
-        return loads, panics
-    if nth == 100:
-        return loads, panics
+        return loads, degraded_loads, panics
+    if nta == 100:
+        return loads, degraded_loads, panics
     for i, hosts in enumerate(levels):
-        panics[i] = 100.0 * healthy[i] < panic_threshold * len(hosts) if hosts \
+        available = healthy[i] + degraded[i]
+        panics[i] = 100.0 * available < panic_threshold * len(hosts) if hosts \
             else panic_threshold > 0
     if all(panics):
         total_hosts = sum(len(hosts) for hosts in levels)
+        degraded_loads = [0] * n
         if not total_hosts:
-            return [100] + [0] * (n - 1), panics
+            return [100] + [0] * (n - 1), degraded_loads, panics
         left = 100
         first = -1
         for i, hosts in enumerate(levels):
@@ -515,27 +540,33 @@ def priority_loads(levels: Sequence[Sequence[LbHost]],
             loads[i] = 100 * len(hosts) // total_hosts
             left -= loads[i]
         loads[first] += left
-    return loads, panics
+    return loads, degraded_loads, panics
 
 
 class PriorityLb(Generic[H]):
     """A cluster's balancer: its hosts by priority level, one balancer of the cluster's policy
-    per level, the level for each pick chosen by :func:`priority_loads`' shares (by the
-    request's hash for the hashing policies, as Envoy does, else at random)."""
+    per level for its healthy hosts and one for its degraded hosts, the one for each pick
+    chosen by :func:`priority_loads`' shares (by the request's hash for the hashing policies,
+    as Envoy does, else at random)."""
 
     def __init__(self, make: Callable[[], LoadBalancer[H]], rng: random.Random, *,
                  panic_threshold: float = DEFAULT_PANIC_THRESHOLD,
                  overprovisioning: int = DEFAULT_OVERPROVISIONING,
-                 by_hash: bool = False) -> None:
+                 by_hash: bool = False,
+                 make_degraded: Callable[[], LoadBalancer[H]] | None = None) -> None:
         self._make = make
+        self._make_degraded = make_degraded or make     # the policy alone, no localities
         self.rng = rng
         self.panic_threshold = panic_threshold
         self.overprovisioning = overprovisioning
         self.by_hash = by_hash
         self.levels: list[LoadBalancer[H]] = [make()]
+        self.degraded_levels: list[LoadBalancer[H]] = []
         self.loads: list[int] = [100]
+        self.degraded_loads: list[int] = [0]
         self.panics: list[bool] = [False]
         self.picked_in_panic = False        # the last pick's level was in panic
+        self._choose = False                # more than one level or degraded traffic
 
     def update(self, hosts: Sequence[H]) -> None:
         groups: list[list[H]] = [[]]
@@ -543,30 +574,40 @@ class PriorityLb(Generic[H]):
             while len(groups) <= h.priority:
                 groups.append([])
             groups[h.priority].append(h)
-        self.loads, self.panics = priority_loads(groups, self.overprovisioning,
-                                                 self.panic_threshold)
+        self.loads, self.degraded_loads, self.panics = priority_loads(
+            groups, self.overprovisioning, self.panic_threshold)
         while len(self.levels) < len(groups):
             self.levels.append(self._make())
         del self.levels[len(groups):]
-        for lb, group, panic in zip(self.levels, groups, self.panics, strict=True):
+        self.degraded_levels = []
+        for lb, group, panic, share in zip(self.levels, groups, self.panics,
+                                           self.degraded_loads, strict=True):
             lb.assign_level(group, panic)
+            degraded = self._make_degraded()
+            if share:
+                degraded.assign(group if panic else [h for h in group if h.degraded], panic)
+            self.degraded_levels.append(degraded)
+        self._choose = len(groups) > 1 or any(self.degraded_loads)
         self.picked_in_panic = self.panics[0]   # (one level: what every pick will be)
 
     @property
     def hosts(self) -> list[H]:
         """The hosts picks can land on, every level's."""
-        return [h for lb, load in zip(self.levels, self.loads, strict=True) if load
-                for h in lb.hosts]
+        out = [h for lb, load in zip(self.levels, self.loads, strict=True) if load
+               for h in lb.hosts]
+        return out + [h for lb, load in zip(self.degraded_levels, self.degraded_loads,
+                                             strict=True) if load
+                      for h in lb.hosts if h not in out]
 
     @property
     def panic(self) -> bool:
         return any(p for p, load in zip(self.panics, self.loads, strict=True) if load)
 
     def pick(self, hash_key: int | None = None, attempt: int = 0) -> H | None:
-        """As :meth:`LoadBalancer.pick`, on the level the shares choose."""
-        levels = self.levels
-        if len(levels) == 1:
-            return levels[0].pick(hash_key, attempt)
+        """As :meth:`LoadBalancer.pick`, on the level (healthy or degraded hosts) the shares
+        choose."""
+        if not self._choose:
+            return self.levels[0].pick(hash_key, attempt)
         h = hash_key if self.by_hash and hash_key is not None else self.rng.getrandbits(64)
         point = h % 100 + 1
         reached = 0
@@ -574,9 +615,14 @@ class PriorityLb(Generic[H]):
             reached += load
             if point <= reached:
                 self.picked_in_panic = self.panics[i]
-                return levels[i].pick(hash_key, attempt)
+                return self.levels[i].pick(hash_key, attempt)
+        for i, load in enumerate(self.degraded_loads):
+            reached += load
+            if point <= reached:
+                self.picked_in_panic = self.panics[i]
+                return self.degraded_levels[i].pick(hash_key, attempt)
         self.picked_in_panic = self.panics[0]
-        return levels[0].pick(hash_key, attempt)
+        return self.levels[0].pick(hash_key, attempt)
 
 
 def make_lb(policy: LbPolicy, hosts: Sequence[H], rng: random.Random, *,
@@ -607,8 +653,8 @@ def make_lb(policy: LbPolicy, hosts: Sequence[H], rng: random.Random, *,
 
     def make_level() -> LoadBalancer[H]:
         return LocalityWeighted(make, rng, overprovisioning)
-    lb = PriorityLb(make_level if locality_weighted else make, rng, panic_threshold=panic_threshold,
-                    overprovisioning=overprovisioning,
+    lb = PriorityLb(make_level if locality_weighted else make, rng, make_degraded=make,
+                    panic_threshold=panic_threshold, overprovisioning=overprovisioning,
                     by_hash=policy in ("RING_HASH", "MAGLEV"))
     lb.update(hosts)
     return lb

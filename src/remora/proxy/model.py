@@ -205,7 +205,16 @@ class LbEndpoint:
 
     @property
     def healthy(self) -> bool:
+        """Takes traffic (degraded endpoints too, when the healthy ones cannot take it all)."""
         return self.health_status in ("UNKNOWN", "HEALTHY", "DEGRADED")
+
+    @property
+    def health_flags(self) -> tuple[str, ...]:
+        """Envoy's flags for its EDS health: ``/failed_eds_health`` (UNHEALTHY, DRAINING,
+        TIMEOUT), ``/degraded_eds_health`` (DEGRADED), none (UNKNOWN, HEALTHY)."""
+        if self.health_status == "DEGRADED":
+            return (DEGRADED_FLAG,)
+        return () if self.healthy else (FAILED_EDS_FLAG,)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -251,6 +260,8 @@ UpstreamHttpProtocol = Literal["HTTP1", "HTTP2", "DOWNSTREAM"]
 
 DEFAULT_RING_MIN = 1024                 # Envoy RingHashLbConfig.minimum_ring_size
 DEFAULT_RING_MAX = 8 * 1024 * 1024      # Envoy RingHashLbConfig.maximum_ring_size (and its cap)
+FAILED_EDS_FLAG = "/failed_eds_health"
+DEGRADED_FLAG = "/degraded_eds_health"
 DEFAULT_MAGLEV_TABLE = 65537            # Envoy MaglevLbConfig.table_size
 DEFAULT_PANIC_THRESHOLD = 50.0          # percent: Envoy common_lb_config.healthy_panic_threshold
 DEFAULT_OVERPROVISIONING = 140          # percent: Envoy ClusterLoadAssignment.Policy's factor

@@ -39,8 +39,7 @@ class HostStatus:
 
     @classmethod
     def of(cls, ep: LbEndpoint) -> HostStatus:
-        flags = () if ep.healthy else ("/failed_eds_health",)
-        return cls(address=ep.address, health_flags=flags, weight=ep.weight,
+        return cls(address=ep.address, health_flags=ep.health_flags, weight=ep.weight,
                    region=ep.locality.region, zone=ep.locality.zone,
                    sub_zone=ep.locality.sub_zone, priority=ep.priority, hostname=ep.hostname,
                    locality_weight=ep.locality_weight)

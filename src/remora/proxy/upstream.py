@@ -32,7 +32,7 @@ from mypy_extensions import mypyc_attr
 
 from remora.proxy import platform
 from remora.proxy.lb import PriorityLb, make_lb
-from remora.proxy.model import Cluster, LbEndpoint, SocketAddress
+from remora.proxy.model import DEGRADED_FLAG, Cluster, LbEndpoint, SocketAddress
 from remora.proxy.state import HOST_STATS, ClusterStatus, HostStatus
 from remora.proxy.stats import CLUSTER_STATS, Kind, Stats, cluster_scope
 
@@ -47,6 +47,7 @@ EXTRA_CLUSTER_STATS: tuple[tuple[str, Kind], ...] = (
     ("upstream_flow_control_paused_reading_total", "counter"),
     ("upstream_flow_control_resumed_reading_total", "counter"),
     ("lb_healthy_panic", "counter"),     # hosts chosen from a priority level in panic
+    ("membership_degraded", "gauge"),
 )
 
 Resolver = Callable[[str, int, int], list[tuple[int, str]]]
@@ -70,7 +71,8 @@ class Host:
                  "locality", "locality_weight", "priority", "sockaddr", "stats", "used",
                  "weight")
 
-    def __init__(self, address: SocketAddress, *, weight: int = 1, healthy: bool = True,
+    def __init__(self, address: SocketAddress, *, weight: int = 1,
+                 health_flags: tuple[str, ...] = (),
                  hostname: str = "", locality: tuple[str, str, str] = ("", "", ""),
                  priority: int = 0, created: float | None = None,
                  locality_weight: int = 0) -> None:
@@ -79,7 +81,7 @@ class Host:
         self.family = platform.family_of(address)
         self.sockaddr = address.sockaddr()
         self.weight = max(1, weight)
-        self.health_flags: tuple[str, ...] = () if healthy else ("/failed_eds_health",)
+        self.health_flags = health_flags        # () = healthy (Envoy's flags otherwise)
         self.hostname = hostname
         self.locality = locality
         self.priority = priority
@@ -92,13 +94,18 @@ class Host:
     @classmethod
     def of(cls, ep: LbEndpoint, address: SocketAddress | None = None) -> Host:
         loc = ep.locality
-        return cls(address or ep.address, weight=ep.weight, healthy=ep.healthy,
+        return cls(address or ep.address, weight=ep.weight, health_flags=ep.health_flags,
                    hostname=ep.hostname, locality=(loc.region, loc.zone, loc.sub_zone),
                    priority=ep.priority, locality_weight=ep.locality_weight)
 
     @property
     def healthy(self) -> bool:
         return not self.health_flags
+
+    @property
+    def degraded(self) -> bool:
+        """EDS DEGRADED and nothing else wrong: used when the healthy hosts cannot take it all."""
+        return self.health_flags == (DEGRADED_FLAG,)
 
     @property
     def active_requests(self) -> int:
@@ -192,6 +199,8 @@ class UpstreamCluster:
         self.stats.gauge_set(self._s["membership_total"], len(self.hosts))
         self.stats.gauge_set(self._s["membership_healthy"],
                              sum(1 for h in self.hosts if h.healthy))
+        self.stats.gauge_set(self._s["membership_degraded"],
+                             sum(1 for h in self.hosts if h.degraded))
 
     def _merge_hosts(self, wanted: list[Host]) -> None:
         """New membership keeping the Host objects (and stats) of addresses that stay."""

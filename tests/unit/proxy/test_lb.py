@@ -31,6 +31,7 @@ class H:
     weight: int = 1
     healthy: bool = True
     active_requests: int = 0
+    degraded: bool = False
     priority: int = 0
     created: float = 0.0
     locality: tuple[str, str, str] = ("", "", "")
@@ -263,7 +264,8 @@ def level(percent_healthy: int, priority: int = 0) -> list[H]:
 def test_priority_loads_match_envoys_tables(healthy: tuple[int, ...], loads: list[int]) -> None:
     """The load spread alone (panic off: with it, rows where every level is under 50 %
     healthy are total panic, spread by host counts; see test_priority_panic)."""
-    got, _ = priority_loads([level(h, p) for p, h in enumerate(healthy)], panic_threshold=0)
+    got, _, _ = priority_loads([level(h, p) for p, h in enumerate(healthy)],
+                               panic_threshold=0)
     assert got == loads
     assert sum(got) == 100
 
@@ -279,20 +281,22 @@ def test_priority_loads_match_envoys_tables(healthy: tuple[int, ...], loads: lis
 ])
 def test_priority_panic(healthy: tuple[int, ...], loads: list[int],
                         panics: list[bool]) -> None:
-    assert priority_loads([level(h, p) for p, h in enumerate(healthy)]) == (loads, panics)
+    assert priority_loads([level(h, p) for p, h in enumerate(healthy)]) == (
+        loads, [0] * len(loads), panics)
 
 
 def test_priority_total_panic_by_host_counts_and_threshold_zero() -> None:
     small = [H("a", healthy=False)]
     large = [H(f"b{i}", healthy=False, priority=1) for i in range(3)]
-    assert priority_loads([small, large]) == ([25, 75], [True, True])
+    assert priority_loads([small, large]) == ([25, 75], [0, 0], [True, True])
     # panic disabled: nothing healthy means P0 gets it all, and has nothing to pick
-    assert priority_loads([small, large], panic_threshold=0) == ([100, 0], [False, False])
+    assert priority_loads([small, large], panic_threshold=0) == ([100, 0], [0, 0],
+                                                                 [False, False])
     lb = make_lb("ROUND_ROBIN", [*small, *large], random.Random(0), panic_threshold=0)
     assert lb.pick() is None
     # an empty level in between counts as a level with no health
-    assert priority_loads([[H("a")], [], [H("c", priority=2)]]) == ([100, 0, 0],
-                                                                     [False, False, False])
+    assert priority_loads([[H("a")], [], [H("c", priority=2)]]) == (
+        [100, 0, 0], [0, 0, 0], [False, False, False])
 
 
 def test_overprovisioning_factor() -> None:
@@ -419,3 +423,36 @@ def test_localities_without_weight_get_nothing_and_panic_ignores_localities() ->
     # no weighted locality left: the level's healthy hosts, as without weighting
     lb = make_lb("ROUND_ROBIN", b, random.Random(1), locality_weighted=True)
     assert set(counts(lb, 10)) == {"b0"}
+
+
+# ------------------------------------------------------------------------ degraded hosts
+
+@pytest.mark.parametrize(("mix", "healthy_share", "degraded_share"), [
+    # Envoy's degraded.rst: P=0 healthy / degraded / unhealthy percent
+    ((100, 0, 0), 100, 0), ((71, 0, 29), 100, 0), ((71, 29, 0), 99, 1),
+    ((25, 65, 10), 35, 65)])
+def test_degraded_hosts_take_what_the_healthy_cannot(mix: tuple[int, int, int],
+                                                     healthy_share: int,
+                                                     degraded_share: int) -> None:
+    ok, degraded, _ = mix
+    hosts = [H(f"h{i}", healthy=i < ok, degraded=ok <= i < ok + degraded)
+             for i in range(100)]
+    assert priority_loads([hosts]) == ([healthy_share], [degraded_share], [False])
+    lb = make_lb("ROUND_ROBIN", hosts, random.Random(6))
+    picks = [lb.pick() for _ in range(4000)]
+    to_degraded = sum(1 for h in picks if h is not None and h.degraded) / 4000
+    assert abs(100 * to_degraded - degraded_share) < 2.5
+    assert all(h is not None and (h.healthy or h.degraded) for h in picks)
+
+
+def test_degraded_hosts_count_against_panic() -> None:
+    # 30 % healthy + 30 % degraded: 60 % available, above the 50 % threshold
+    hosts = [H(f"h{i}", healthy=i < 3, degraded=3 <= i < 6) for i in range(10)]
+    assert priority_loads([hosts]) == ([50], [50], [False])      # 42 and 42 of NTA 84
+    # the same healthy hosts without the degraded ones: 30 % available, panic
+    lone = [H(f"h{i}", healthy=i < 3) for i in range(10)]
+    assert priority_loads([lone]) == ([100], [0], [True])
+    # only degraded hosts left: they take everything
+    only = [H(f"d{i}", healthy=False, degraded=True) for i in range(2)]
+    lb = make_lb("LEAST_REQUEST", only, random.Random(1))
+    assert {lb.pick().name for _ in range(20)} == {"d0", "d1"}  # type: ignore[union-attr]

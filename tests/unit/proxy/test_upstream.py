@@ -50,6 +50,22 @@ def test_a_cluster_passes_its_lb_settings_to_its_balancer() -> None:
     assert {c.pick(None).address for _ in range(5)} == {addr("10.0.0.2")}  # type: ignore[union-attr]
 
 
+def test_degraded_endpoints() -> None:
+    """EDS DEGRADED: Envoy's ``/degraded_eds_health`` flag, counted apart from the healthy
+    ones, and picked only for what the healthy hosts cannot take."""
+    stats = Stats()
+    c = UpstreamCluster(Cluster(name="c", endpoints=(
+        LbEndpoint(address=addr("10.0.0.1")),
+        LbEndpoint(address=addr("10.0.0.2"), health_status="DEGRADED"))), stats,
+        random.Random(0))
+    assert [h.health_flags for h in c.status().hosts] == [(), ("/degraded_eds_health",)]
+    assert stats.gauges["cluster.c.membership_healthy"] == 1
+    assert stats.gauges["cluster.c.membership_degraded"] == 1
+    # one healthy host of two: 70 % of the traffic; the degraded one takes the rest
+    picks = [c.pick(None).address for _ in range(2000)]  # type: ignore[union-attr]
+    assert 0.25 < picks.count(addr("10.0.0.2")) / 2000 < 0.35
+
+
 def test_picks_in_panic_are_counted() -> None:
     """Envoy's ``lb_healthy_panic``: hosts chosen from a level in panic (here 1 of 3 healthy,
     under the 50 % threshold: every host is used)."""

@@ -483,7 +483,7 @@ class OutlierDetector:
         key = id(host)
         self.c5xx[key] = 0
         self.cgw[key] = 0
-        if key in self.ejected or not host.healthy:
+        if key in self.ejected or not (host.healthy or host.degraded):
             return
         st, s = self.state.stats, self.state.s
         if enforcing < 100 and self.state.rng.randrange(100) >= enforcing:
