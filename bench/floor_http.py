@@ -40,18 +40,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ab_http as ab  # (free ports, waits, the static config, the upstream's nginx config)
 import bench_proxy_http as bh  # (nginx as a reverse proxy)
+import bench_proxy_l4 as l4  # (CPU of a process tree)
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOOR = Path(__file__).resolve().parent / "http_floor_proxy.py"
 
 
 def tree_ticks(pid: int) -> int:
-    """utime + stime of ``pid`` and its children (nginx: the master and its worker)."""
-    total = ab.cpu_ticks(pid)
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            total += tree_ticks(int(child))
-    return total
+    """CPU clock ticks of ``pid``'s process tree (nginx: the master and its worker), as
+    bench_proxy_l4 counts them."""
+    return round(l4.cpu_seconds(pid) * ab.CLK_TCK)
 
 
 def compile_floor(into: Path) -> None:
